@@ -1,0 +1,659 @@
+"""JEPA for RL: PPO that learns CartPole-v1 from pixels through a ViT trained with a JEPA loss.
+
+A single-file reference implementation of Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating
+Joint-Embedding Predictive Architectures for Reinforcement Learning" (ESANN 2025, arXiv 2504.16591).
+
+    x-encoder  ViT over the patches of frames (t-2, t-1, t); its CLS output is the embedding s_x
+    y-encoder  the same ViT fed frames (t-1, t, t+1); an EMA of the x-encoder, never given a gradient
+    predictor  2-layer MLP: s_x and the one-hot action a_t -> prediction of s_y
+    losses     PPO (actor, critic, entropy) + jepa_coef * ||pred - s_y||^2 (+ var_coef * L_var)
+
+The paper's four configurations are three switches: --jepa/--no-jepa, --rl-grad/--no-rl-grad,
+--var-reg/--no-var-reg. The dynamics are Gymnasium's own CartPoleVectorEnv; the agent never sees the
+state vector, only frames drawn from it by `render_cartpole`, a torch drawing of Gymnasium's scene.
+"""
+
+import contextlib
+import io
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = "jepa_ppo_cartpole"
+    """the name of this experiment (first part of the run directory's name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms where available"""
+    cuda: bool = True
+    """if toggled, train on CUDA when a GPU is available (frames are then drawn on the GPU too)"""
+    save_model: bool = False
+    """if toggled, save encoder, predictor, actor and critic to `runs/<run name>/model.pt` at the end"""
+    eval_checkpoint: Optional[str] = None
+    """if set, do not train: load this `model.pt`, play --eval-episodes greedy episodes, print their mean return"""
+    eval_episodes: int = 10
+    """number of greedy episodes played by --eval-checkpoint"""
+
+    # Configuration: the paper's three switches
+    jepa: bool = True
+    """add the JEPA loss to the encoder's objective"""
+    rl_grad: bool = True
+    """let the actor and critic losses back-propagate into the encoder (--no-rl-grad detaches s_x)"""
+    var_reg: bool = False
+    """add the variance loss L_var = -min(1, mean_d Var_batch(s_x)) against collapse"""
+
+    # PPO (names and meaning as in CleanRL's ppo.py)
+    total_timesteps: int = 100_000
+    """total environment steps of the experiment"""
+    learning_rate: float = 1e-3
+    """the learning rate of the Adam optimizer"""
+    num_envs: int = 8
+    """the number of parallel CartPole environments"""
+    num_steps: int = 32
+    """the number of steps per environment per rollout"""
+    anneal_lr: bool = True
+    """linearly anneal the learning rate to 0 over the run"""
+    gamma: float = 0.98
+    """the discount factor gamma"""
+    gae_lambda: float = 0.8
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per update epoch"""
+    update_epochs: int = 4
+    """the number of epochs over each rollout"""
+    norm_adv: bool = True
+    """normalize advantages within each minibatch"""
+    clip_coef: float = 0.2
+    """the PPO surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """use a clipped loss for the value function, as in the PPO paper"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for gradient clipping"""
+    target_kl: Optional[float] = None
+    """stop the update epochs early when the approximate KL exceeds this"""
+
+    # Observation
+    frame_height: int = 32
+    """height of a frame in pixels (the 160-row band where cart and pole can be, scaled)"""
+    frame_width: int = 96
+    """width of a frame in pixels (the full 600-pixel track, scaled)"""
+    patch_size: int = 16
+    """side of a square ViT patch; must divide the frame height and width"""
+
+    # ViT encoder and predictor
+    embed_dim: int = 64
+    """width of the ViT and dimension d of the embedding s_x (the paper uses 64)"""
+    depth: int = 2
+    """number of transformer blocks"""
+    num_heads: int = 4
+    """number of attention heads; must divide --embed-dim"""
+    mlp_ratio: int = 4
+    """hidden width of each block's MLP, as a multiple of --embed-dim"""
+    predictor_hidden: int = 128
+    """hidden width of the two-layer predictor"""
+
+    # JEPA
+    jepa_coef: float = 1.0
+    """weight of the JEPA loss (the paper gives none: 1)"""
+    var_coef: float = 1.0
+    """weight of the variance loss when --var-reg is on"""
+    ema_tau: float = 0.99
+    """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    """the batch size (computed: num_envs * num_steps)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed: batch_size // num_minibatches)"""
+    num_iterations: int = 0
+    """the number of iterations (computed: total_timesteps // batch_size)"""
+
+
+def check_args(args: Args) -> Optional[str]:
+    """Return a one-line error naming the offending flag, or None when the flags make sense."""
+    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
+                "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
+                "eval_episodes", "learning_rate", "clip_coef", "max_grad_norm"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    for name in ["gamma", "gae_lambda", "ema_tau"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
+    for name in ["ent_coef", "vf_coef", "jepa_coef", "var_coef"]:
+        if not getattr(args, name) >= 0.0:
+            return f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}"
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        return (f"--num-minibatches must divide the batch of {batch_size} steps (--num-envs x --num-steps), "
+                f"got {args.num_minibatches}")
+    if args.total_timesteps < batch_size:
+        return f"--total-timesteps must be at least one batch ({batch_size} steps), got {args.total_timesteps}"
+    for name in ["frame_height", "frame_width"]:
+        if getattr(args, name) % args.patch_size:
+            return f"--{name.replace('_', '-')} ({getattr(args, name)}) must be divisible by --patch-size ({args.patch_size})"
+    if args.embed_dim % args.num_heads:
+        return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
+    if not args.jepa and not args.rl_grad:
+        return "--no-jepa with --no-rl-grad leaves the encoder without any training signal; use --jepa or --rl-grad"
+    if args.eval_checkpoint is not None and not os.path.isfile(args.eval_checkpoint):
+        return f"--eval-checkpoint: no such file: {args.eval_checkpoint}"
+    return None
+
+
+def parse_args(argv=None) -> Args:
+    """tyro's parser, with every error boiled down to one line and no run directory touched."""
+    tyro_errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(tyro_errors):
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code:  # tyro draws a multi-line box; keep its message line
+            lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in tyro_errors.getvalue().splitlines()]
+            message = next((line for line in lines[1:] if line), "invalid arguments")
+            sys.exit(f"error: {message} (see --help)")
+        raise
+    error = check_args(args)
+    if error:
+        sys.exit(f"error: {error}")
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixels: Gymnasium's CartPole scene drawn in torch
+# ---------------------------------------------------------------------------------------------------
+# Geometry of gymnasium/envs/classic_control/cartpole.py `render`, in the 600 x 400 frame after its
+# vertical flip (y points down). pygame truncates every coordinate to whole pixels and fills the pixels
+# whose corner lies inside a shape, so each shape covers [trunc(a), trunc(b) + 1): we reproduce that.
+SCREEN_WIDTH, SCALE = 600, 600 / (2 * 2.4)  # 125 pixels per metre
+CROP_TOP, CROP_BOTTOM = 165, 325  # the rows where cart and pole can ever be (non-white rows: 172-314)
+CART_TOP, CART_BOTTOM, TRACK_ROW = 284.0, 315.0, 299.0
+PIVOT_Y = 292.5  # pole axle, 107.5 above the bottom in Gymnasium's own (unflipped) coordinates
+AXLE_RADIUS = 5.5
+# grayscale shades of Gymnasium's colours (ITU-R 601 luma): pole (202, 152, 101), axle (129, 132, 203)
+POLE_GRAY = 0.299 * 202 + 0.587 * 152 + 0.114 * 101
+AXLE_GRAY = 0.299 * 129 + 0.587 * 132 + 0.114 * 203
+
+
+def interval_coverage(lo, hi, pixel_lo, pixel_hi):
+    """Fraction of each pixel interval [pixel_lo, pixel_hi) covered by [lo, hi) (broadcasts)."""
+    return (torch.minimum(hi, pixel_hi) - torch.maximum(lo, pixel_lo)).clamp(min=0) / (pixel_hi - pixel_lo)
+
+
+def render_cartpole(states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Draw CartPole states (N, 4) as anti-aliased grayscale frames (N, height, width), uint8.
+
+    Each output pixel holds the area average of Gymnasium's frame (cropped to rows 165-325, full width)
+    over its footprint: exact for the axis-aligned cart and track, a close analytic estimate for the pole
+    (product of its four edge ramps) and the axle (integrated over 4 sub-columns).
+    """
+    n, device = states.shape[0], states.device
+    sx, sy = SCREEN_WIDTH / width, (CROP_BOTTOM - CROP_TOP) / height  # source pixels per output pixel
+    left = torch.arange(width, device=device, dtype=torch.float32) * sx  # (W,) pixel edges
+    top = CROP_TOP + torch.arange(height, device=device, dtype=torch.float32) * sy  # (H,)
+    right, bottom = left + sx, top + sy
+    cart_x = states[:, 0:1].float() * SCALE + SCREEN_WIDTH / 2  # (N, 1) cart centre in pixels
+    theta = states[:, 2:3].float()
+
+    cart_cols = interval_coverage(torch.trunc(cart_x - 25), torch.trunc(cart_x + 25) + 1, left, right)  # (N, W)
+    cart = cart_cols[:, None, :] * interval_coverage(torch.tensor(CART_TOP), torch.tensor(CART_BOTTOM), top, bottom)[:, None]
+    track = interval_coverage(torch.tensor(TRACK_ROW), torch.tensor(TRACK_ROW + 1), top, bottom)[:, None]  # (H, 1)
+
+    # Pole: Gymnasium's corners (+-5 across, -5..120 along), rotated by -theta about (cart_x, 107.5),
+    # truncated like pygame; each edge then contributes a linear coverage ramp one footprint wide.
+    sin, cos = torch.sin(theta), torch.cos(theta)
+    across = torch.tensor([-5.0, -5.0, 5.0, 5.0], device=device)
+    along = torch.tensor([-5.0, 120.0, 120.0, -5.0], device=device)
+    corner_x = torch.trunc(across * cos + along * sin + cart_x) + 0.5  # (N, 4) pixel centres
+    corner_y = 399.5 - torch.trunc(along * cos - across * sin + 107.5)
+    centre_x, centre_y = (left + right)[None, None, :] / 2, (top + bottom)[None, :, None] / 2
+    pole = torch.ones(n, height, width, device=device)
+    for k in range(4):  # edge from corner k to corner k+1; the corners run clockwise on screen
+        x0, y0 = corner_x[:, k, None, None], corner_y[:, k, None, None]
+        dx, dy = corner_x[:, (k + 1) % 4, None, None] - x0, corner_y[:, (k + 1) % 4, None, None] - y0
+        length = torch.sqrt(dx * dx + dy * dy)
+        normal_x, normal_y = -dy / length, dx / length  # points into the pole
+        inside = (centre_x - x0) * normal_x + (centre_y - y0) * normal_y + 0.5  # +0.5: pixels filled inclusively
+        footprint = normal_x.abs() * sx + normal_y.abs() * sy
+        pole = pole * (0.5 + inside / footprint).clamp(0, 1)
+
+    # Axle: a disc at the truncated cart centre; exact coverage of each row, averaged over 4 sub-columns.
+    axle_x = torch.trunc(cart_x) + 0.5  # (N, 1)
+    sub_x = left[:, None] + (torch.arange(4, device=device) + 0.5) * (sx / 4)  # (W, 4)
+    half_chord = (AXLE_RADIUS**2 - (sub_x - axle_x[:, :, None]) ** 2).clamp(min=0).sqrt()  # (N, W, 4)
+    axle = interval_coverage((PIVOT_Y - half_chord)[:, None], (PIVOT_Y + half_chord)[:, None],
+                             top[:, None, None], bottom[:, None, None]).mean(-1)  # (N, H, W)
+
+    # Paint in Gymnasium's order: white, black cart, pole, axle (which lies on the pole), black track.
+    gray = 255.0 * (1 - cart)
+    pole_or_axle = torch.maximum(pole, axle)
+    gray = gray * (1 - pole_or_axle) + POLE_GRAY * (pole_or_axle - axle) + AXLE_GRAY * axle
+    gray = gray * (1 - track)
+    return gray.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_envs(num_envs: int):
+    """Gymnasium's numpy CartPole-v1, vectorized; NEXT_STEP autoreset; episode statistics in info."""
+    envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def push_frame(stack: torch.Tensor, frame: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) frames (t-2, t-1, t) -> (t-1, t, t+1); a new episode repeats its first frame."""
+    shifted = torch.cat([stack[:, 1:], frame[:, None]], dim=1)
+    restarted = frame[:, None].expand_as(stack)
+    return torch.where(episode_start[:, None, None, None], restarted, shifted)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with fused attention."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.num_heads = num_heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads)
+        x = x + self.proj(attended.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Frames (B, 3, H, W) uint8 -> embedding (B, D): the CLS token's output after the last block."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        p, d = args.patch_size, args.embed_dim
+        self.patch_size, self.rows, self.cols = p, args.frame_height // p, args.frame_width // p
+        self.patch_embed = nn.Linear(p * p, d)
+        # positional encoding over (frame, row, column): a learned table per axis, summed
+        self.frame_pos = nn.Parameter(0.02 * torch.randn(3, 1, 1, d))
+        self.row_pos = nn.Parameter(0.02 * torch.randn(1, self.rows, 1, d))
+        self.col_pos = nn.Parameter(0.02 * torch.randn(1, 1, self.cols, d))
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
+        self.blocks = nn.ModuleList(Block(d, args.num_heads, args.mlp_ratio) for _ in range(args.depth))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, frames):
+        B, p = frames.shape[0], self.patch_size
+        x = frames.float().div(255.0).view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)
+        tokens = self.patch_embed(x.reshape(B, 3, self.rows, self.cols, p * p))  # (B, 3, rows, cols, D)
+        tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, 3 * rows * cols, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x[:, 0])
+
+
+class Predictor(nn.Module):
+    """Two-layer MLP: s_x (B, D) and action (B,) -> predicted s_y (B, D)."""
+
+    def __init__(self, embed_dim, hidden, num_actions=2):
+        super().__init__()
+        self.num_actions = num_actions
+        self.fc1, self.fc2 = nn.Linear(embed_dim, hidden), nn.Linear(hidden, embed_dim)
+        self.action_proj = nn.Linear(num_actions, hidden)  # the one-hot action, added after the first layer
+
+    def forward(self, s_x, action):
+        one_hot = F.one_hot(action.long(), self.num_actions).float()
+        return self.fc2(F.gelu(self.fc1(s_x) + self.action_proj(one_hot)))
+
+
+def make_heads(embed_dim, num_actions=2):
+    """Actor and critic: small MLPs that see only the embedding."""
+    actor = nn.Sequential(layer_init(nn.Linear(embed_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, num_actions), std=0.01))
+    critic = nn.Sequential(layer_init(nn.Linear(embed_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0))
+    return actor, critic
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float):
+    """theta_target <- tau * theta_target + (1 - tau) * theta_online."""
+    for p_target, p_online in zip(target.parameters(), online.parameters()):
+        p_target.lerp_(p_online, 1.0 - tau)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and diagnostics
+# ---------------------------------------------------------------------------------------------------
+def jepa_loss(prediction, target):
+    """Squared Euclidean distance between prediction and y-embedding, averaged over the batch."""
+    return (prediction - target).pow(2).sum(-1).mean()
+
+
+def embedding_variance(s):
+    """The paper's collapse indicator: batch-wise variance of each dimension, averaged over dimensions."""
+    return s.var(dim=0).mean()
+
+
+def variance_loss(s_x):
+    """L_var = -min(1, mean_d Var_batch(s_x)): rewards spread up to unit variance, then stops."""
+    return -embedding_variance(s_x).clamp(max=1.0)
+
+
+def effective_rank(s):
+    """exp(entropy) of the normalized singular values of a batch of embeddings (B, D)."""
+    singular = torch.linalg.svdvals(s.double())
+    p = singular / singular.sum().clamp(min=1e-12)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
+
+
+def probe_r2(s_fit, y_fit, s_test, y_test, ridge=1e-3):
+    """R^2 per target column of a linear least-squares probe fitted on one half and scored on the other."""
+    def with_bias(s):
+        return torch.cat([s.double(), torch.ones(len(s), 1, dtype=torch.double, device=s.device)], dim=1)
+    X, Xt = with_bias(s_fit), with_bias(s_test)
+    eye = torch.eye(X.shape[1], dtype=torch.double, device=X.device)
+    weights = torch.linalg.solve(X.T @ X + ridge * len(X) * eye, X.T @ y_fit.double())
+    residual = ((y_test.double() - Xt @ weights) ** 2).sum(0)
+    total = ((y_test.double() - y_test.double().mean(0)) ** 2).sum(0).clamp(min=1e-12)
+    return (1 - residual / total).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation of a saved checkpoint
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(checkpoint_path: str, episodes: int, seed: int, device: torch.device) -> float:
+    """Play `episodes` greedy episodes (one per environment) and return their mean return."""
+    checkpoint = torch.load(checkpoint_path, map_location=device)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    encoder = ViTEncoder(saved).to(device)
+    actor, _ = make_heads(saved.embed_dim)
+    encoder.load_state_dict(checkpoint["encoder"])
+    actor.load_state_dict(checkpoint["actor"])
+    actor.to(device)
+    envs = make_envs(episodes)
+    state, _ = envs.reset(seed=seed)
+    frame = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
+    stack = frame[:, None].repeat(1, 3, 1, 1)
+    returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not finished.all():
+        action = actor(encoder(stack)).argmax(-1)
+        state, _, terminated, truncated, info = envs.step(action.cpu().numpy())
+        if "_episode" in info:
+            newly = info["_episode"] & ~finished
+            returns[newly] = info["episode"]["r"][newly]
+            finished |= info["_episode"]
+        frame = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
+        stack = push_frame(stack, frame, torch.as_tensor(terminated | truncated, device=device))
+    envs.close()
+    return float(returns.mean())
+
+
+def configuration_name(args: Args) -> str:
+    return f"{'jepa' if args.jepa else 'nojepa'}-{'rlgrad' if args.rl_grad else 'norlgrad'}-{'var' if args.var_reg else 'novar'}"
+
+
+def make_run_dir(args: Args) -> str:
+    """runs/<exp>__<configuration>__s<seed>__<unix time>[_k]: never shared by two runs, even started together."""
+    base = os.path.join("runs", f"{args.exp_name}__{configuration_name(args)}__s{args.seed}__{int(time.time())}")
+    os.makedirs("runs", exist_ok=True)
+    for k in range(1000):
+        run_dir = base if k == 0 else f"{base}_{k}"
+        try:
+            os.mkdir(run_dir)  # atomic: exactly one process succeeds for a given name
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory next to {base}")
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_checkpoint is not None:
+        mean_return = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, device)
+        print(f"mean return over {args.eval_episodes} greedy episodes: {mean_return:.1f}")
+        sys.exit(0)
+
+    run_dir = make_run_dir(args)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # env setup
+    envs = make_envs(args.num_envs)
+    H, W = args.frame_height, args.frame_width
+
+    # agent setup: the y-encoder starts as an exact copy of the x-encoder and is never optimized
+    encoder = ViTEncoder(args).to(device)
+    target_encoder = ViTEncoder(args).to(device)
+    target_encoder.load_state_dict(encoder.state_dict())
+    target_encoder.requires_grad_(False)
+    predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
+    actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
+    trained = nn.ModuleList([encoder, predictor, actor, critic])
+    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # rollout storage; row t + 1 of `stacks` holds frames (t-1, t, t+1): the y-encoder's input for row t
+    stacks = torch.zeros((args.num_steps + 1, args.num_envs, 3, H, W), dtype=torch.uint8, device=device)
+    states = torch.zeros((args.num_steps, args.num_envs, 4), device=device)  # for the probe only
+    embeddings = torch.zeros((args.num_steps, args.num_envs, args.embed_dim), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)  # terminated or truncated
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    valid = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+
+    global_step, start_time = 0, time.time()
+    timings = {"env": 0.0, "inference": 0.0, "update": 0.0}
+    recent_returns = deque(maxlen=20)
+    next_state, _ = envs.reset(seed=args.seed)
+    next_state = torch.as_tensor(next_state, device=device)
+    next_stack = render_cartpole(next_state, H, W)[:, None].repeat(1, 3, 1, 1)
+    # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
+    next_is_reset_step = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    writer.add_image("observations/frame_stacks", next_stack[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
+
+    try:
+        for iteration in range(1, args.num_iterations + 1):
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / args.num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+            for step in range(args.num_steps):
+                t0 = time.perf_counter()
+                global_step += args.num_envs
+                stacks[step], states[step], valid[step] = next_stack, next_state, ~next_is_reset_step
+                with torch.no_grad():
+                    s_x = encoder(next_stack)
+                    logits, value = actor(s_x), critic(s_x).flatten()
+                    probs = Categorical(logits=logits)
+                    action = probs.sample()
+                embeddings[step], actions[step], logprobs[step], values[step] = s_x, action, probs.log_prob(action), value
+                t1 = time.perf_counter()
+                timings["inference"] += t1 - t0
+
+                state, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                next_state = torch.as_tensor(state, device=device)
+                rewards[step] = torch.as_tensor(reward, device=device)
+                terminations[step] = torch.as_tensor(terminated, device=device)
+                dones[step] = torch.as_tensor(terminated | truncated, device=device)
+                # after a reset step the returned state is a new episode's first: fill the stack with it
+                next_stack = push_frame(next_stack, render_cartpole(next_state, H, W), next_is_reset_step)
+                next_is_reset_step = dones[step].bool()
+                if "_episode" in info:
+                    for i in np.flatnonzero(info["_episode"]):
+                        episodic_return = float(info["episode"]["r"][i])
+                        recent_returns.append(episodic_return)
+                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                        writer.add_scalar("charts/episodic_length", int(info["episode"]["l"][i]), global_step)
+                timings["env"] += time.perf_counter() - t1
+            stacks[args.num_steps] = next_stack
+
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                # GAE. At a truncation row t + 1 holds the truncated state itself (NEXT_STEP), so the
+                # return bootstraps from its value; at a termination it does not. A reset row's own
+                # advantage is never used: it is masked out, and the done before it cuts the recursion.
+                next_value = critic(encoder(next_stack)).flatten()
+                advantages = torch.zeros_like(rewards)
+                lastgaelam = 0
+                for t in reversed(range(args.num_steps)):
+                    nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
+                    delta = rewards[t] + args.gamma * nextvalues * (1.0 - terminations[t]) - values[t]
+                    advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * (1.0 - dones[t]) * lastgaelam
+                returns = advantages + values
+                # JEPA targets, once per batch: s_y of row t is the y-encoder on frames (t-1, t, t+1)
+                targets = target_encoder(stacks[1:].flatten(0, 1))  # (num_steps * num_envs, D)
+
+            # flatten the batch and keep the real transitions only
+            keep = valid.flatten()
+            b_stacks = stacks[:-1].flatten(0, 1)[keep]
+            b_actions, b_logprobs = actions.flatten()[keep], logprobs.flatten()[keep]
+            b_advantages, b_returns, b_values = advantages.flatten()[keep], returns.flatten()[keep], values.flatten()[keep]
+            b_targets = targets[keep]
+            num_valid = int(keep.sum())
+
+            clipfracs = []
+            for epoch in range(args.update_epochs):
+                for mb_inds in torch.randperm(num_valid, device=device).tensor_split(args.num_minibatches):
+                    s_x = encoder(b_stacks[mb_inds])
+                    s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
+                    probs = Categorical(logits=actor(s_rl))
+                    newlogprob, entropy = probs.log_prob(b_actions[mb_inds]), probs.entropy()
+                    newvalue = critic(s_rl).flatten()
+                    logratio = newlogprob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                    mb_advantages = b_advantages[mb_inds]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                    if args.clip_vloss:
+                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                        v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                    else:
+                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                    entropy_loss = entropy.mean()
+
+                    # Without --jepa the predictor still trains, on detached embeddings, so that
+                    # losses/jepa_loss stays a comparable measure of how predictable s_y is.
+                    prediction = predictor(s_x if args.jepa else s_x.detach(), b_actions[mb_inds])
+                    j_loss = jepa_loss(prediction, b_targets[mb_inds])
+                    var_loss = variance_loss(s_x)
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + args.jepa_coef * j_loss
+                    if args.var_reg:
+                        loss = loss + args.var_coef * var_loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss ({loss.item()}) at global step {global_step}")
+
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    ema_update(target_encoder, encoder, args.ema_tau)
+
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+            timings["update"] += time.perf_counter() - t0
+
+            # diagnostics of the representation, on the rollout's own embeddings (no extra forward pass)
+            b_embeddings, b_states = embeddings.flatten(0, 1)[keep], states.flatten(0, 1)[keep]
+            variance = embedding_variance(b_embeddings).item()
+            half = valid[:, : args.num_envs // 2].sum().item() if args.num_envs > 1 else num_valid // 2
+            r2 = probe_r2(b_embeddings[:half], b_states[:half], b_embeddings[half:], b_states[half:]) if args.num_envs > 1 else None
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("losses/jepa_loss", j_loss.item(), global_step)
+            writer.add_scalar("losses/var_loss", var_loss.item(), global_step)
+            writer.add_scalar("embedding/variance", variance, global_step)
+            writer.add_scalar("embedding/target_variance", embedding_variance(b_targets).item(), global_step)
+            writer.add_scalar("embedding/collapsed", float(variance < 1e-7), global_step)
+            writer.add_scalar("embedding/effective_rank", effective_rank(b_embeddings), global_step)
+            if r2 is not None:
+                for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
+                    writer.add_scalar(f"probe/r2_{name}", value, global_step)
+            elapsed = time.time() - start_time
+            sps = int(global_step / elapsed)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            for name, seconds in timings.items():
+                writer.add_scalar(f"perf/{name}_seconds", seconds, global_step)
+            mean_return = np.mean(recent_returns) if recent_returns else float("nan")
+            eta = elapsed / iteration * (args.num_iterations - iteration)
+            print(f"step {global_step:7d} ({100 * iteration / args.num_iterations:5.1f}%) | return {mean_return:6.1f} "
+                  f"| SPS {sps:5d} | left {format_seconds(eta)}", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted at global step {global_step}; logs flushed to {run_dir}")
+    except FloatingPointError as e:
+        writer.close()
+        sys.exit(f"error: {e}; logs flushed to {run_dir}")
+    finally:
+        if args.save_model:
+            model_path = os.path.join(run_dir, "model.pt")
+            torch.save({"args": asdict(args), "encoder": encoder.state_dict(), "target_encoder": target_encoder.state_dict(),
+                        "predictor": predictor.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict()}, model_path)
+            print(f"model saved to {model_path}")
+        envs.close()
+        writer.close()
