@@ -170,8 +170,9 @@ def parse_args(argv=None) -> Args:
             args = tyro.cli(Args, args=argv)
     except SystemExit as e:
         if e.code:  # tyro draws a multi-line box; keep its message line
-            lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in tyro_errors.getvalue().splitlines()]
-            message = next((line for line in lines[1:] if line), "invalid arguments")
+            lines = [line.strip(" |+-\u2502\u256d\u256e\u2570\u256f\u2500") for line in tyro_errors.getvalue().splitlines()]
+            texts = [line for line in lines if any(c.isalpha() for c in line)]  # title, message, hints
+            message = texts[1] if len(texts) > 1 else (texts or ["invalid arguments"])[0]
             sys.exit(f"error: {message} (see --help)")
         raise
     error = check_args(args)
@@ -267,6 +268,21 @@ def push_frame(stack: torch.Tensor, frame: torch.Tensor, episode_start: torch.Te
     shifted = torch.cat([stack[:, 1:], frame[:, None]], dim=1)
     restarted = frame[:, None].expand_as(stack)
     return torch.where(episode_start[:, None, None, None], restarted, shifted)
+
+
+def step_envs(envs, action, stack, is_reset_step, height, width):
+    """One vector step: returns (state, reward, terminated, done, next stack, info), tensors on the stack's device.
+
+    `is_reset_step` marks the environments whose previous step ended an episode: Gymnasium's NEXT_STEP
+    autoreset makes this step a reset (reward 0, not a transition), and the state it returns is the new
+    episode's first, which then fills the whole stack. `done` marks the next step as such a reset step.
+    """
+    state, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+    device = stack.device
+    state = torch.as_tensor(state, device=device)
+    next_stack = push_frame(stack, render_cartpole(state, height, width), is_reset_step)
+    as_float = lambda array: torch.as_tensor(array, dtype=torch.float32, device=device)
+    return state, as_float(reward), as_float(terminated), torch.as_tensor(terminated | truncated, device=device), next_stack, info
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,20 +419,71 @@ def evaluate(checkpoint_path: str, episodes: int, seed: int, device: torch.devic
     actor.to(device)
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
-    frame = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
-    stack = frame[:, None].repeat(1, 3, 1, 1)
+    stack = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)[:, None].repeat(1, 3, 1, 1)
+    is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
     returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not finished.all():
         action = actor(encoder(stack)).argmax(-1)
-        state, _, terminated, truncated, info = envs.step(action.cpu().numpy())
+        _, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, saved.frame_height, saved.frame_width)
         if "_episode" in info:
             newly = info["_episode"] & ~finished
             returns[newly] = info["episode"]["r"][newly]
             finished |= info["_episode"]
-        frame = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
-        stack = push_frame(stack, frame, torch.as_tensor(terminated | truncated, device=device))
     envs.close()
     return float(returns.mean())
+
+
+def compute_advantages(rewards, values, next_value, terminations, dones, gamma, gae_lambda):
+    """GAE over (num_steps, num_envs) tensors.
+
+    With NEXT_STEP autoreset the row after a done holds that episode's final state, so at a truncation
+    the return bootstraps from the value of the truncated state (values[t + 1]); at a termination it
+    does not. The done cuts the recursion, so the reset row's own (meaningless) advantage never leaks
+    backwards; that row is masked out of every loss.
+    """
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * (1.0 - terminations[t]) - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+    return advantages
+
+
+def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) -> dict:
+    """PPO's clipped losses plus the JEPA and variance losses on one minibatch; "loss" is their weighted sum."""
+    s_x = encoder(mb["stacks"])
+    s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
+    probs = Categorical(logits=actor(s_rl))
+    newlogprob, entropy = probs.log_prob(mb["actions"]), probs.entropy().mean()
+    newvalue = critic(s_rl).flatten()
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+
+    v_loss = (newvalue - mb["returns"]) ** 2
+    if args.clip_vloss:
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss = torch.max(v_loss, (v_clipped - mb["returns"]) ** 2)
+    v_loss = 0.5 * v_loss.mean()
+
+    # Without --jepa the predictor still trains, on detached embeddings, so that losses/jepa_loss
+    # stays a comparable measure of how predictable s_y is; no JEPA gradient reaches the encoder.
+    prediction = predictor(s_x if args.jepa else s_x.detach(), mb["actions"])
+    j_loss = jepa_loss(prediction, mb["targets"])
+    var_loss = variance_loss(s_x)
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.jepa_coef * j_loss
+    if args.var_reg:
+        loss = loss + args.var_coef * var_loss
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    return {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "jepa_loss": j_loss,
+            "var_loss": var_loss, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
 def configuration_name(args: Args) -> str:
@@ -516,14 +583,9 @@ if __name__ == "__main__":
                 t1 = time.perf_counter()
                 timings["inference"] += t1 - t0
 
-                state, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                next_state = torch.as_tensor(state, device=device)
-                rewards[step] = torch.as_tensor(reward, device=device)
-                terminations[step] = torch.as_tensor(terminated, device=device)
-                dones[step] = torch.as_tensor(terminated | truncated, device=device)
-                # after a reset step the returned state is a new episode's first: fill the stack with it
-                next_stack = push_frame(next_stack, render_cartpole(next_state, H, W), next_is_reset_step)
-                next_is_reset_step = dones[step].bool()
+                next_state, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
+                    envs, action, next_stack, next_is_reset_step, H, W)
+                rewards[step], terminations[step], dones[step] = reward, terminated, next_is_reset_step
                 if "_episode" in info:
                     for i in np.flatnonzero(info["_episode"]):
                         episodic_return = float(info["episode"]["r"][i])
@@ -535,68 +597,25 @@ if __name__ == "__main__":
 
             t0 = time.perf_counter()
             with torch.no_grad():
-                # GAE. At a truncation row t + 1 holds the truncated state itself (NEXT_STEP), so the
-                # return bootstraps from its value; at a termination it does not. A reset row's own
-                # advantage is never used: it is masked out, and the done before it cuts the recursion.
                 next_value = critic(encoder(next_stack)).flatten()
-                advantages = torch.zeros_like(rewards)
-                lastgaelam = 0
-                for t in reversed(range(args.num_steps)):
-                    nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
-                    delta = rewards[t] + args.gamma * nextvalues * (1.0 - terminations[t]) - values[t]
-                    advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * (1.0 - dones[t]) * lastgaelam
+                advantages = compute_advantages(rewards, values, next_value, terminations, dones, args.gamma, args.gae_lambda)
                 returns = advantages + values
                 # JEPA targets, once per batch: s_y of row t is the y-encoder on frames (t-1, t, t+1)
                 targets = target_encoder(stacks[1:].flatten(0, 1))  # (num_steps * num_envs, D)
 
             # flatten the batch and keep the real transitions only
             keep = valid.flatten()
-            b_stacks = stacks[:-1].flatten(0, 1)[keep]
-            b_actions, b_logprobs = actions.flatten()[keep], logprobs.flatten()[keep]
-            b_advantages, b_returns, b_values = advantages.flatten()[keep], returns.flatten()[keep], values.flatten()[keep]
-            b_targets = targets[keep]
+            batch = {"stacks": stacks[:-1].flatten(0, 1), "actions": actions.flatten(), "logprobs": logprobs.flatten(),
+                     "advantages": advantages.flatten(), "returns": returns.flatten(), "values": values.flatten(), "targets": targets}
+            batch = {k: v[keep] for k, v in batch.items()}
             num_valid = int(keep.sum())
 
             clipfracs = []
             for epoch in range(args.update_epochs):
                 for mb_inds in torch.randperm(num_valid, device=device).tensor_split(args.num_minibatches):
-                    s_x = encoder(b_stacks[mb_inds])
-                    s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
-                    probs = Categorical(logits=actor(s_rl))
-                    newlogprob, entropy = probs.log_prob(b_actions[mb_inds]), probs.entropy()
-                    newvalue = critic(s_rl).flatten()
-                    logratio = newlogprob - b_logprobs[mb_inds]
-                    ratio = logratio.exp()
-
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                    mb_advantages = b_advantages[mb_inds]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                    if args.clip_vloss:
-                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                        v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
-                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                    else:
-                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-                    entropy_loss = entropy.mean()
-
-                    # Without --jepa the predictor still trains, on detached embeddings, so that
-                    # losses/jepa_loss stays a comparable measure of how predictable s_y is.
-                    prediction = predictor(s_x if args.jepa else s_x.detach(), b_actions[mb_inds])
-                    j_loss = jepa_loss(prediction, b_targets[mb_inds])
-                    var_loss = variance_loss(s_x)
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + args.jepa_coef * j_loss
-                    if args.var_reg:
-                        loss = loss + args.var_coef * var_loss
+                    losses = minibatch_losses(args, encoder, predictor, actor, critic, {k: v[mb_inds] for k, v in batch.items()})
+                    loss, approx_kl = losses["loss"], losses["approx_kl"]
+                    clipfracs.append(losses["clipfrac"].item())
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss ({loss.item()}) at global step {global_step}")
 
@@ -611,30 +630,27 @@ if __name__ == "__main__":
             timings["update"] += time.perf_counter() - t0
 
             # diagnostics of the representation, on the rollout's own embeddings (no extra forward pass)
-            b_embeddings, b_states = embeddings.flatten(0, 1)[keep], states.flatten(0, 1)[keep]
+            # env-major order, so the probe is fitted on the first half of the environments, scored on the rest
+            env_major = valid.T.flatten()
+            b_embeddings, b_states = embeddings.transpose(0, 1).flatten(0, 1)[env_major], states.transpose(0, 1).flatten(0, 1)[env_major]
             variance = embedding_variance(b_embeddings).item()
-            half = valid[:, : args.num_envs // 2].sum().item() if args.num_envs > 1 else num_valid // 2
-            r2 = probe_r2(b_embeddings[:half], b_states[:half], b_embeddings[half:], b_states[half:]) if args.num_envs > 1 else None
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            half = int(valid[:, : args.num_envs // 2].sum()) if args.num_envs > 1 else num_valid // 2
+            r2 = probe_r2(b_embeddings[:half], b_states[:half], b_embeddings[half:], b_states[half:])
+            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss"]:
+                writer.add_scalar(f"losses/{name}", losses[name].item(), global_step)
             writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            writer.add_scalar("losses/jepa_loss", j_loss.item(), global_step)
-            writer.add_scalar("losses/var_loss", var_loss.item(), global_step)
             writer.add_scalar("embedding/variance", variance, global_step)
-            writer.add_scalar("embedding/target_variance", embedding_variance(b_targets).item(), global_step)
+            writer.add_scalar("embedding/target_variance", embedding_variance(batch["targets"]).item(), global_step)
             writer.add_scalar("embedding/collapsed", float(variance < 1e-7), global_step)
             writer.add_scalar("embedding/effective_rank", effective_rank(b_embeddings), global_step)
-            if r2 is not None:
-                for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
-                    writer.add_scalar(f"probe/r2_{name}", value, global_step)
+            for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
+                writer.add_scalar(f"probe/r2_{name}", value, global_step)
             elapsed = time.time() - start_time
             sps = int(global_step / elapsed)
             writer.add_scalar("charts/SPS", sps, global_step)

@@ -1,0 +1,423 @@
+"""Tests of jepa_ppo_cartpole.py: run with `python -m pytest -q jepa_ppo_cartpole_test.py`."""
+
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import jepa_ppo_cartpole as jp
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jepa_ppo_cartpole.py")
+TAGS = [
+    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+    "losses/explained_variance", "losses/jepa_loss", "losses/var_loss",
+    "embedding/variance", "embedding/target_variance", "embedding/collapsed", "embedding/effective_rank",
+    "probe/r2_cart_position", "probe/r2_cart_velocity", "probe/r2_pole_angle", "probe/r2_pole_velocity",
+]
+CONFIGS = {
+    "1": ["--no-jepa", "--rl-grad", "--no-var-reg"],
+    "2": ["--jepa", "--rl-grad", "--no-var-reg"],
+    "3": ["--jepa", "--no-rl-grad", "--no-var-reg"],
+    "4": ["--jepa", "--no-rl-grad", "--var-reg"],
+}
+SHORT = ["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "32"]
+
+
+def run_script(args, cwd, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def scalars(run_dir):
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def small_args(**overrides):
+    args = jp.Args(**overrides)
+    args.batch_size = args.num_envs * args.num_steps
+    return args
+
+
+# ------------------------------------------------------------------------------------------ pixels
+def area_matrix(n_in, n_out):
+    """Exact area-average downsampling (n_out, n_in), for factors that need not be whole numbers."""
+    scale, m = n_in / n_out, np.zeros((n_out, n_in))
+    for i in range(n_out):
+        a, b = i * scale, (i + 1) * scale
+        for k in range(int(a), min(n_in, math.ceil(b))):
+            m[i, k] = max(0.0, min(b, k + 1) - max(a, k)) / scale
+    return m
+
+
+def gymnasium_frames(states, height, width):
+    """Gymnasium's own pygame render, to grayscale, cropped like render_cartpole, area-downsampled."""
+    env = gym.make("CartPole-v1", render_mode="rgb_array").unwrapped
+    env.reset(seed=0)
+    rows, cols = area_matrix(jp.CROP_BOTTOM - jp.CROP_TOP, height), area_matrix(jp.SCREEN_WIDTH, width)
+    frames = []
+    for state in states:
+        env.state = np.array(state, dtype=np.float64)
+        gray = env.render().astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        frames.append(rows @ gray[jp.CROP_TOP:jp.CROP_BOTTOM] @ cols.T)
+    env.close()
+    return np.stack(frames)
+
+
+def frames_match(ours, reference):
+    """Every frame within 32 gray levels of Gymnasium's at every pixel, and 0.25 on average.
+
+    A cart one source pixel (1/125 m) off moves its edge by 1/6.25 of an output pixel: 41 levels."""
+    error = np.abs(ours.astype(np.float64) - reference)
+    return error.max() <= 32.0 and error.mean() <= 0.25
+
+
+@pytest.fixture(scope="module")
+def random_states():
+    rng = np.random.default_rng(0)
+    n = 240
+    states = np.stack([rng.uniform(-2.4, 2.4, n), rng.uniform(-2, 2, n), rng.uniform(-0.21, 0.21, n), rng.uniform(-2, 2, n)], 1)
+    # the termination extremes: |x| near 2.4 (cart half off screen), |theta| near 0.21 rad
+    states[:30, 0] = rng.choice([-1, 1], 30) * rng.uniform(2.3, 2.45, 30)
+    states[30:60, 2] = rng.choice([-1, 1], 30) * rng.uniform(0.2, 0.23, 30)
+    return states
+
+
+def test_render_matches_gymnasium_and_rejects_broken_drawings(random_states):
+    reference = gymnasium_frames(random_states, 32, 96)
+    draw = lambda s: jp.render_cartpole(torch.tensor(s, dtype=torch.float32), 32, 96).numpy()
+    assert frames_match(draw(random_states), reference)
+    wrong_sign = random_states * np.array([1, 1, -1, 1])
+    assert not frames_match(draw(wrong_sign), reference)
+    cart_one_pixel_off = random_states + np.array([1 / 125, 0, 0, 0])
+    assert not frames_match(draw(cart_one_pixel_off), reference)
+
+
+def test_render_matches_gymnasium_at_another_resolution(random_states):
+    states = random_states[::4]
+    ours = jp.render_cartpole(torch.tensor(states, dtype=torch.float32), 64, 192).numpy()
+    error = np.abs(ours.astype(np.float64) - gymnasium_frames(states, 64, 192))
+    assert error.max() <= 40.0 and error.mean() <= 0.25
+
+
+def test_render_shape_dtype_and_content():
+    states = torch.tensor([[0.0, 0, 0, 0], [1.0, 0, 0.1, 0]])
+    frames = jp.render_cartpole(states, 32, 96)
+    assert frames.shape == (2, 32, 96) and frames.dtype == torch.uint8
+    assert frames[:, 0].min() == 255  # the top row is background
+    assert (frames[0] != frames[1]).any()  # the state is visible
+
+
+# ------------------------------------------------------------------------------ frames and episodes
+def test_push_frame_shifts_and_restarts():
+    stack = torch.arange(3, dtype=torch.uint8).view(1, 3, 1, 1).repeat(2, 1, 2, 2)  # frames 0, 1, 2
+    frame = torch.full((2, 2, 2), 7, dtype=torch.uint8)
+    out = jp.push_frame(stack, frame, torch.tensor([False, True]))
+    assert out[0, :, 0, 0].tolist() == [1, 2, 7]
+    assert out[1, :, 0, 0].tolist() == [7, 7, 7]
+
+
+def rollout_until_done(envs, policy_action, steps=40, height=32, width=96):
+    """Drive the vector env with step_envs the way the training loop does; return the rows."""
+    state, _ = envs.reset(seed=3)
+    stack = jp.render_cartpole(torch.as_tensor(state), height, width)[:, None].repeat(1, 3, 1, 1)
+    is_reset = torch.zeros(envs.num_envs, dtype=torch.bool)
+    rows = []
+    for _ in range(steps):
+        action = torch.full((envs.num_envs,), policy_action)
+        state, reward, terminated, done, next_stack, _ = jp.step_envs(envs, action, stack, is_reset, height, width)
+        rows.append(dict(stack=stack, valid=~is_reset, reward=reward, terminated=terminated, done=done, state=state, next_stack=next_stack))
+        stack, is_reset = next_stack, done
+    return rows
+
+
+def test_episode_boundaries_next_step_autoreset():
+    envs = jp.make_envs(2)
+    rows = rollout_until_done(envs, policy_action=1)
+    t = next(i for i, r in enumerate(rows) if r["done"][0])  # the last transition of env 0's first episode
+    terminal_frame = jp.render_cartpole(rows[t]["state"], 32, 96)[0]
+    # the JEPA target of the last transition (row t + 1's stack) ends in that episode's true last state
+    assert torch.equal(rows[t + 1]["stack"][0, 2], terminal_frame)
+    assert torch.equal(rows[t + 1]["stack"][0, :2], rows[t]["stack"][0, 1:])
+    # the reset step is no transition: it is masked out, gets reward 0 and no termination
+    assert rows[t]["valid"][0] and not rows[t + 1]["valid"][0]
+    assert rows[t + 1]["reward"][0] == 0 and rows[t + 1]["terminated"][0] == 0
+    # the new episode's first stack repeats its first frame, and is no frame of the old episode
+    first = rows[t + 2]["stack"][0]
+    assert torch.equal(first[0], first[1]) and torch.equal(first[1], first[2])
+    assert torch.equal(first[2], jp.render_cartpole(rows[t + 1]["state"], 32, 96)[0])
+    assert not torch.equal(first[2], terminal_frame)
+    envs.close()
+
+
+def test_truncation_bootstraps_and_termination_does_not():
+    # one env, three rows: a real step that is truncated, the reset row, a real step that terminates
+    rewards = torch.tensor([[1.0], [0.0], [1.0]])
+    values = torch.tensor([[5.0], [7.0], [3.0]])  # row 1 holds the truncated final state, V = 7
+    terminations = torch.tensor([[0.0], [0.0], [1.0]])
+    dones = torch.tensor([[1.0], [0.0], [1.0]])
+    next_value = torch.tensor([11.0])
+    adv = jp.compute_advantages(rewards, values, next_value, terminations, dones, gamma=0.9, gae_lambda=0.8)
+    assert adv[0, 0].item() == pytest.approx(1.0 + 0.9 * 7.0 - 5.0)  # bootstraps from the truncated state
+    assert adv[2, 0].item() == pytest.approx(1.0 - 3.0)  # a termination does not bootstrap
+
+
+def test_gae_matches_discounted_sum_inside_an_episode():
+    rewards, values = torch.ones(4, 1), torch.zeros(4, 1)
+    zeros = torch.zeros(4, 1)
+    adv = jp.compute_advantages(rewards, values, torch.zeros(1), zeros, zeros, gamma=0.5, gae_lambda=1.0)
+    assert adv[:, 0].tolist() == pytest.approx([1 + 0.5 + 0.25 + 0.125, 1 + 0.5 + 0.25, 1.5, 1.0])
+
+
+def test_true_truncation_at_500_steps():
+    envs = jp.make_envs(1)
+    envs.reset(seed=0)
+    envs.unwrapped.steps[:] = 499  # the next step is the 500th of the episode
+    envs.unwrapped.state[:] = 0.0
+    _, _, terminated, truncated, _ = envs.step(np.array([0]))
+    assert truncated[0] and not terminated[0]
+    envs.close()
+
+
+# ------------------------------------------------------------------------------------------- models
+def make_models(**overrides):
+    args = small_args(**overrides)
+    torch.manual_seed(0)
+    encoder, predictor = jp.ViTEncoder(args), jp.Predictor(args.embed_dim, args.predictor_hidden)
+    actor, critic = jp.make_heads(args.embed_dim)
+    return args, encoder, predictor, actor, critic
+
+
+def fake_minibatch(args, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.rand(n, 4, generator=g) * torch.tensor([4.0, 2, 0.4, 2]) - torch.tensor([2.0, 1, 0.2, 1])
+    stacks = jp.render_cartpole(states, args.frame_height, args.frame_width)[:, None].repeat(1, 3, 1, 1)
+    return {"stacks": stacks, "actions": torch.randint(0, 2, (n,), generator=g), "logprobs": torch.full((n,), -0.69),
+            "advantages": torch.randn(n, generator=g), "returns": torch.randn(n, generator=g), "values": torch.randn(n, generator=g),
+            "targets": torch.randn(n, args.embed_dim, generator=g)}
+
+
+def test_encoder_and_predictor_shapes():
+    args, encoder, predictor, _, _ = make_models()
+    stacks = fake_minibatch(args)["stacks"]
+    s_x = encoder(stacks)
+    assert s_x.shape == (16, args.embed_dim)
+    tokens = 3 * (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size)
+    assert tokens == 36
+    assert predictor(s_x, torch.zeros(16, dtype=torch.long)).shape == (16, args.embed_dim)
+
+
+def test_positional_encoding_sees_frame_order():
+    args, encoder, *_ = make_models()
+    stacks = fake_minibatch(args, n=2)["stacks"]
+    stacks[:, 0] = 255  # make the three frames differ
+    assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
+
+
+def test_predictor_output_depends_on_action():
+    args, encoder, predictor, _, _ = make_models()
+    s_x = encoder(fake_minibatch(args, n=4)["stacks"])
+    left, right = predictor(s_x, torch.zeros(4, dtype=torch.long)), predictor(s_x, torch.ones(4, dtype=torch.long))
+    assert (left - right).abs().min() > 0
+
+
+def ppo_encoder_grads(rl_grad):
+    args, encoder, predictor, actor, critic = make_models(rl_grad=rl_grad)
+    losses = jp.minibatch_losses(args, encoder, predictor, actor, critic, fake_minibatch(args))
+    ppo_loss = losses["policy_loss"] + args.vf_coef * losses["value_loss"] - args.ent_coef * losses["entropy"]
+    ppo_loss.backward()
+    return [p.grad for p in encoder.parameters()], [p.grad for p in actor.parameters()]
+
+
+def test_no_rl_grad_puts_exactly_zero_ppo_gradient_on_encoder():
+    encoder_grads, actor_grads = ppo_encoder_grads(rl_grad=False)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in encoder_grads)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in actor_grads)
+
+
+def test_rl_grad_reaches_encoder():
+    encoder_grads, _ = ppo_encoder_grads(rl_grad=True)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in encoder_grads)
+
+
+def test_jepa_and_variance_losses_train_encoder_without_rl_grad():
+    args, encoder, predictor, actor, critic = make_models(rl_grad=False, var_reg=True)
+    mb = fake_minibatch(args)
+    jp.minibatch_losses(args, encoder, predictor, actor, critic, mb)["loss"].backward()
+    assert encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_no_jepa_keeps_jepa_gradient_off_encoder():
+    args, encoder, predictor, actor, critic = make_models(jepa=False, rl_grad=True)
+    jp.minibatch_losses(args, encoder, predictor, actor, critic, fake_minibatch(args))["jepa_loss"].backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in encoder.parameters())
+    assert predictor.fc1.weight.grad.abs().sum() > 0
+
+
+def test_loss_formulas():
+    pred, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert jp.jepa_loss(pred, target).item() == pytest.approx((5 + 25) / 2)
+    s = torch.tensor([[0.0, 0.0], [2.0, 0.2]])  # batch variances 2 and 0.02
+    assert jp.variance_loss(s).item() == pytest.approx(-1.0)  # clamped at 1
+    assert jp.variance_loss(0.1 * s).item() == pytest.approx(-(0.02 + 0.0002) / 2)
+
+
+def test_y_encoder_gets_no_gradient_and_ema_math_holds():
+    args, encoder, *_ = make_models()
+    target = jp.ViTEncoder(args)
+    target.load_state_dict(encoder.state_dict())
+    target.requires_grad_(False)
+    for a, b in zip(target.parameters(), encoder.parameters()):
+        assert torch.equal(a, b)  # both start equal
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in target.parameters()]
+    out = target(fake_minibatch(args)["stacks"]).sum()
+    assert not out.requires_grad and all(p.grad is None for p in target.parameters())
+    jp.ema_update(target, encoder, tau=0.99)
+    for new, old, online in zip(target.parameters(), before, encoder.parameters()):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * online, rtol=1e-6, atol=1e-6)
+
+
+def test_probe_r2_recovers_a_linear_state():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(400, 8, generator=g)
+    y = torch.stack([s[:, 0] * 2 + 1, torch.randn(400, generator=g)], 1)  # one readable, one noise
+    r2 = jp.probe_r2(s[:200], y[:200], s[200:], y[200:])
+    assert r2[0] > 0.99 and r2[1] < 0.1
+
+
+def test_effective_rank():
+    assert jp.effective_rank(torch.eye(8)) == pytest.approx(8.0)
+    assert jp.effective_rank(torch.ones(16, 8)) == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("argv, flag", [
+    (["--num-envs", "0"], "--num-envs"),
+    (["--num-steps", "-3"], "--num-steps"),
+    (["--num-minibatches", "3"], "--num-minibatches"),
+    (["--frame-height", "30"], "--frame-height"),
+    (["--total-timesteps", "100"], "--total-timesteps"),
+    (["--ema-tau", "1.5"], "--ema-tau"),
+    (["--ema-tau", "-0.1"], "--ema-tau"),
+    (["--num-heads", "3"], "--num-heads"),
+    (["--no-jepa", "--no-rl-grad"], "--no-rl-grad"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--bogus-flag", "1"], "--bogus-flag"),
+    (["--num-envs", "eight"], "--num-envs"),
+])
+def test_bad_flags_exit_with_one_line(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        jp.parse_args(argv)
+    message = str(exit_info.value.code)
+    assert exit_info.value.code != 0 and flag in message and "\n" not in message.strip()
+
+
+def test_bad_flag_from_command_line_leaves_no_run_directory(tmp_path):
+    result = run_script(["--num-minibatches", "5"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--num-minibatches" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_defaults_are_the_papers_best_configuration():
+    args = jp.parse_args([])
+    assert (args.jepa, args.rl_grad, args.var_reg) == (True, True, False)
+    assert args.embed_dim == 64 and args.ema_tau == 0.99 and args.total_timesteps == 100_000
+    assert args.batch_size == args.num_envs * args.num_steps
+
+
+def test_run_directories_are_unique(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(jp.time, "time", lambda: 1234567890.0)
+    args = jp.parse_args([])
+    first, second = jp.make_run_dir(args), jp.make_run_dir(args)
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert "jepa-rlgrad-novar" in first and "s1" in first
+
+
+# ------------------------------------------------------------------------------- end to end, logged
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_each_configuration_logs_every_tag(config, tmp_path):
+    result = run_script([*CONFIGS[config], *SHORT], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "SPS" in result.stdout and "return" in result.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    missing = [tag for tag in TAGS if tag not in logged]
+    assert not missing
+    assert all(np.isfinite(v) for tag in TAGS if not tag.startswith("losses/explained") for _, v in logged[tag])
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    assert acc.Tags()["images"]  # what the agent sees
+    assert acc.Tags()["tensors"]  # the hyperparameter table (text)
+
+
+def test_same_seed_same_losses_on_cpu(tmp_path):
+    runs = []
+    for name in ["a", "b"]:
+        (tmp_path / name).mkdir()
+        assert run_script([*SHORT, "--seed", "7"], cwd=tmp_path / name).returncode == 0
+        (run_dir,) = glob.glob(str(tmp_path / name / "runs" / "*"))
+        runs.append(scalars(run_dir))
+    for tag in ["losses/policy_loss", "losses/value_loss", "losses/jepa_loss", "charts/episodic_return"]:
+        assert runs[0][tag] == runs[1][tag]
+
+
+def test_nan_loss_stops_with_step_and_keeps_logs(tmp_path):
+    result = run_script([*SHORT, "--learning-rate", "1e30", "--max-grad-norm", "1e30"], cwd=tmp_path)
+    assert result.returncode != 0 and "global step" in result.stderr and "Traceback" not in result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "charts/episodic_return" in scalars(run_dir)  # what was logged before the NaN survives
+
+
+def test_ctrl_c_flushes_logs_and_saves_model(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--total-timesteps", "100000", "--save-model"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = 0
+    for line in proc.stdout:  # wait for two logged iterations
+        lines += line.startswith("step")
+        if lines == 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "interrupted" in out and "Traceback" not in err
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert len(scalars(run_dir)["losses/jepa_loss"]) >= 2
+    assert os.path.isfile(os.path.join(run_dir, "model.pt"))
+
+
+def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
+    assert run_script([*SHORT, "--save-model"], cwd=tmp_path).returncode == 0
+    (checkpoint,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
+    saved = torch.load(checkpoint)
+    assert {"encoder", "predictor", "actor", "critic", "args"} <= set(saved)
+    result = run_script(["--eval-checkpoint", checkpoint, "--eval-episodes", "3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mean return over 3 greedy episodes" in result.stdout
+    assert len(glob.glob(str(tmp_path / "runs" / "*"))) == 1  # evaluation creates no run directory
+
+
+def test_default_configuration_learns(tmp_path):
+    """A short default run on a fixed seed ends far above a random policy (about 22)."""
+    result = run_script(["--total-timesteps", "40000", "--seed", "1"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    returns = scalars(run_dir)["charts/episodic_return"]
+    last = [v for step, v in returns if step > 30000]
+    assert np.mean(last) > 60
