@@ -330,7 +330,10 @@ class ViTEncoder(nn.Module):
 
     def forward(self, frames):
         B, p = frames.shape[0], self.patch_size
-        x = frames.float().div(255.0).view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)
+        # ink, not light: the white background becomes 0, so empty patches embed to the bias alone and
+        # the few patches with cart and pole stand out (with raw intensities the embedding barely varies)
+        ink = 1.0 - frames.float().div(255.0)
+        x = ink.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)
         tokens = self.patch_embed(x.reshape(B, 3, self.rows, self.cols, p * p))  # (B, 3, rows, cols, D)
         tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, 3 * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
@@ -454,7 +457,7 @@ def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) ->
     """PPO's clipped losses plus the JEPA and variance losses on one minibatch; "loss" is their weighted sum."""
     s_x = encoder(mb["stacks"])
     s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
-    probs = Categorical(logits=actor(s_rl))
+    probs = Categorical(logits=actor(s_rl), validate_args=False)
     newlogprob, entropy = probs.log_prob(mb["actions"]), probs.entropy().mean()
     newvalue = critic(s_rl).flatten()
     logratio = newlogprob - mb["logprobs"]
@@ -577,7 +580,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     s_x = encoder(next_stack)
                     logits, value = actor(s_x), critic(s_x).flatten()
-                    probs = Categorical(logits=logits)
+                    probs = Categorical(logits=logits, validate_args=False)
                     action = probs.sample()
                 embeddings[step], actions[step], logprobs[step], values[step] = s_x, action, probs.log_prob(action), value
                 t1 = time.perf_counter()
