@@ -41,7 +41,7 @@ class Args:
     seed: int = 1
     """seed of the experiment (torch, numpy, random and the environments)"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms where available"""
+    """if toggled, `torch.backends.cudnn.deterministic=True` (CPU runs are deterministic for a fixed thread count)"""
     cuda: bool = True
     """if toggled, train on CUDA when a GPU is available (frames are then drawn on the GPU too)"""
     save_model: bool = False
