@@ -15,7 +15,6 @@ state vector, only frames drawn from it by `render_cartpole`, a torch drawing of
 
 import contextlib
 import io
-import math
 import os
 import random
 import sys
@@ -263,6 +262,11 @@ def make_envs(num_envs: int):
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
+def initial_stack(states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 4) first states of episodes -> (N, 3, H, W): the missing earlier frames repeat the first."""
+    return render_cartpole(states, height, width)[:, None].repeat(1, 3, 1, 1)
+
+
 def push_frame(stack: torch.Tensor, frame: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) frames (t-2, t-1, t) -> (t-1, t, t+1); a new episode repeats its first frame."""
     shifted = torch.cat([stack[:, 1:], frame[:, None]], dim=1)
@@ -422,7 +426,7 @@ def evaluate(checkpoint_path: str, episodes: int, seed: int, device: torch.devic
     actor.to(device)
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
-    stack = render_cartpole(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)[:, None].repeat(1, 3, 1, 1)
+    stack = initial_stack(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
     is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
     returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not finished.all():
@@ -562,7 +566,7 @@ if __name__ == "__main__":
     recent_returns = deque(maxlen=20)
     next_state, _ = envs.reset(seed=args.seed)
     next_state = torch.as_tensor(next_state, device=device)
-    next_stack = render_cartpole(next_state, H, W)[:, None].repeat(1, 3, 1, 1)
+    next_stack = initial_stack(next_state, H, W)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
     next_is_reset_step = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
     writer.add_image("observations/frame_stacks", next_stack[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -131,7 +130,7 @@ def test_push_frame_shifts_and_restarts():
 def rollout_until_done(envs, policy_action, steps=40, height=32, width=96):
     """Drive the vector env with step_envs the way the training loop does; return the rows."""
     state, _ = envs.reset(seed=3)
-    stack = jp.render_cartpole(torch.as_tensor(state), height, width)[:, None].repeat(1, 3, 1, 1)
+    stack = jp.initial_stack(torch.as_tensor(state), height, width)
     is_reset = torch.zeros(envs.num_envs, dtype=torch.bool)
     rows = []
     for _ in range(steps):
