@@ -14,7 +14,9 @@ state vector, only frames drawn from it by `render_cartpole`, a torch drawing of
 """
 
 import contextlib
+import functools
 import io
+import math
 import os
 import random
 import sys
@@ -120,6 +122,10 @@ class Args:
     ema_tau: float = 0.99
     """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
 
+    # Diagnostics
+    probe_every: int = 10
+    """fit and log the linear state probe every this many iterations (and at the last)"""
+
     # filled in at runtime
     batch_size: int = 0
     """the batch size (computed: num_envs * num_steps)"""
@@ -133,7 +139,7 @@ def check_args(args: Args) -> Optional[str]:
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
     positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
                 "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
-                "eval_episodes", "learning_rate", "clip_coef", "max_grad_norm"]
+                "eval_episodes", "probe_every", "learning_rate", "clip_coef", "max_grad_norm"]
     for name in positive:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
@@ -204,6 +210,29 @@ def interval_coverage(lo, hi, pixel_lo, pixel_hi):
     return (torch.minimum(hi, pixel_hi) - torch.maximum(lo, pixel_lo)).clamp(min=0) / (pixel_hi - pixel_lo)
 
 
+@functools.lru_cache(maxsize=8)
+def pixel_grid(height: int, width: int, device: torch.device) -> dict:
+    """What `render_cartpole` needs about the output pixels that no state changes: computed once per size."""
+    sx, sy = SCREEN_WIDTH / width, (CROP_BOTTOM - CROP_TOP) / height  # source pixels per output pixel
+    left = torch.arange(width, device=device, dtype=torch.float32) * sx  # (W,) pixel edges
+    top = CROP_TOP + torch.arange(height, device=device, dtype=torch.float32) * sy  # (H,)
+    bottom = top + sy
+    row_coverage = lambda lo, hi: interval_coverage(torch.tensor(lo, device=device), torch.tensor(hi, device=device), top, bottom)
+    axle_rows = slice(int((PIVOT_Y - AXLE_RADIUS - CROP_TOP) // sy), math.ceil((PIVOT_Y + AXLE_RADIUS - CROP_TOP) / sy))
+    return {
+        "sx": sx, "sy": sy, "left": left, "right": left + sx,
+        "centre_x": left + sx / 2, "centre_y": (top + sy / 2)[:, None],  # (W,) and (H, 1)
+        "cart_rows": 255.0 * row_coverage(CART_TOP, CART_BOTTOM)[:, None],  # (H, 1), times the cart's darkness
+        "track_keep": 1.0 - row_coverage(TRACK_ROW, TRACK_ROW + 1)[:, None],  # (H, 1)
+        # the axle stays on the few rows around the pivot: it is drawn on those alone
+        "axle_rows": axle_rows, "axle_top": top[axle_rows, None, None], "axle_bottom": bottom[axle_rows, None, None],
+        "axle_sub_x": left[:, None] + (torch.arange(4, device=device) + 0.5) * (sx / 4),  # (W, 4) sub-column centres
+        # the pole's corners in its own frame (+-5 across its axis, -5..120 along it), clockwise on screen
+        "pole_across": torch.tensor([-5.0, -5.0, 5.0, 5.0], device=device),
+        "pole_along": torch.tensor([-5.0, 120.0, 120.0, -5.0], device=device),
+    }
+
+
 def render_cartpole(states: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Draw CartPole states (N, 4) as anti-aliased grayscale frames (N, height, width), uint8.
 
@@ -211,49 +240,42 @@ def render_cartpole(states: torch.Tensor, height: int, width: int) -> torch.Tens
     over its footprint: exact for the axis-aligned cart and track, a close analytic estimate for the pole
     (product of its four edge ramps) and the axle (integrated over 4 sub-columns).
     """
-    n, device = states.shape[0], states.device
-    sx, sy = SCREEN_WIDTH / width, (CROP_BOTTOM - CROP_TOP) / height  # source pixels per output pixel
-    left = torch.arange(width, device=device, dtype=torch.float32) * sx  # (W,) pixel edges
-    top = CROP_TOP + torch.arange(height, device=device, dtype=torch.float32) * sy  # (H,)
-    right, bottom = left + sx, top + sy
+    n, grid = states.shape[0], pixel_grid(height, width, states.device)
     cart_x = states[:, 0:1].float() * SCALE + SCREEN_WIDTH / 2  # (N, 1) cart centre in pixels
     theta = states[:, 2:3].float()
 
-    cart_cols = interval_coverage(torch.trunc(cart_x - 25), torch.trunc(cart_x + 25) + 1, left, right)  # (N, W)
-    cart = cart_cols[:, None, :] * interval_coverage(torch.tensor(CART_TOP), torch.tensor(CART_BOTTOM), top, bottom)[:, None]
-    track = interval_coverage(torch.tensor(TRACK_ROW), torch.tensor(TRACK_ROW + 1), top, bottom)[:, None]  # (H, 1)
+    # Cart on white: its columns are exact coverages of [trunc(x - 25), trunc(x + 25) + 1), its rows fixed.
+    cart_cols = interval_coverage(torch.trunc(cart_x - 25), torch.trunc(cart_x + 25) + 1, grid["left"], grid["right"])
+    gray = 255.0 - grid["cart_rows"] * cart_cols[:, None, :]  # (N, H, W)
 
-    # Pole: Gymnasium's corners (+-5 across, -5..120 along), rotated by -theta about (cart_x, 107.5),
-    # truncated like pygame; each edge then contributes a linear coverage ramp one footprint wide.
-    sin, cos = torch.sin(theta), torch.cos(theta)
-    across = torch.tensor([-5.0, -5.0, 5.0, 5.0], device=device)
-    along = torch.tensor([-5.0, 120.0, 120.0, -5.0], device=device)
+    # Pole: Gymnasium's corners rotated by -theta about (cart_x, 107.5) and truncated like pygame. Each edge
+    # contributes a linear coverage ramp one footprint wide, a plane a x + b y + c in the pixel centre;
+    # the pole's coverage is the product of its 4 clamped ramps.
+    sin, cos, across, along = torch.sin(theta), torch.cos(theta), grid["pole_across"], grid["pole_along"]
     corner_x = torch.trunc(across * cos + along * sin + cart_x) + 0.5  # (N, 4) pixel centres
     corner_y = 399.5 - torch.trunc(along * cos - across * sin + 107.5)
-    centre_x, centre_y = (left + right)[None, None, :] / 2, (top + bottom)[None, :, None] / 2
-    pole = torch.ones(n, height, width, device=device)
-    for k in range(4):  # edge from corner k to corner k+1; the corners run clockwise on screen
-        x0, y0 = corner_x[:, k, None, None], corner_y[:, k, None, None]
-        dx, dy = corner_x[:, (k + 1) % 4, None, None] - x0, corner_y[:, (k + 1) % 4, None, None] - y0
-        length = torch.sqrt(dx * dx + dy * dy)
-        normal_x, normal_y = -dy / length, dx / length  # points into the pole
-        inside = (centre_x - x0) * normal_x + (centre_y - y0) * normal_y + 0.5  # +0.5: pixels filled inclusively
-        footprint = normal_x.abs() * sx + normal_y.abs() * sy
-        pole = pole * (0.5 + inside / footprint).clamp(0, 1)
+    edge_x, edge_y = corner_x.roll(-1, 1) - corner_x, corner_y.roll(-1, 1) - corner_y  # edge k: corner k -> k + 1
+    length = torch.sqrt(edge_x**2 + edge_y**2)
+    normal_x, normal_y = -edge_y / length, edge_x / length  # (N, 4), pointing into the pole
+    footprint = normal_x.abs() * grid["sx"] + normal_y.abs() * grid["sy"]
+    # ramp = 0.5 + (signed distance + 0.5) / footprint; the +0.5 inside: pygame fills edge pixels inclusively
+    a, b = (normal_x / footprint)[..., None, None], (normal_y / footprint)[..., None, None]  # (N, 4, 1, 1)
+    c = ((0.5 - corner_x * normal_x - corner_y * normal_y) / footprint + 0.5)[..., None, None]
+    ramps = (a * grid["centre_x"]) + (b * grid["centre_y"] + c)  # (N, 4, 1, W) + (N, 4, H, 1) -> (N, 4, H, W)
+    cover = ramps.clamp_(0, 1).prod(dim=1)  # (N, H, W)
 
     # Axle: a disc at the truncated cart centre; exact coverage of each row, averaged over 4 sub-columns.
-    axle_x = torch.trunc(cart_x) + 0.5  # (N, 1)
-    sub_x = left[:, None] + (torch.arange(4, device=device) + 0.5) * (sx / 4)  # (W, 4)
-    half_chord = (AXLE_RADIUS**2 - (sub_x - axle_x[:, :, None]) ** 2).clamp(min=0).sqrt()  # (N, W, 4)
+    rows = grid["axle_rows"]
+    half_chord = (AXLE_RADIUS**2 - (grid["axle_sub_x"] - torch.trunc(cart_x)[:, :, None] - 0.5) ** 2).clamp(min=0).sqrt()
     axle = interval_coverage((PIVOT_Y - half_chord)[:, None], (PIVOT_Y + half_chord)[:, None],
-                             top[:, None, None], bottom[:, None, None]).mean(-1)  # (N, H, W)
+                             grid["axle_top"], grid["axle_bottom"]).mean(-1)  # (N, axle rows, W)
+    cover[:, rows] = torch.maximum(cover[:, rows], axle)  # the axle lies on the pole
 
-    # Paint in Gymnasium's order: white, black cart, pole, axle (which lies on the pole), black track.
-    gray = 255.0 * (1 - cart)
-    pole_or_axle = torch.maximum(pole, axle)
-    gray = gray * (1 - pole_or_axle) + POLE_GRAY * (pole_or_axle - axle) + AXLE_GRAY * axle
-    gray = gray * (1 - track)
-    return gray.round_().clamp_(0, 255).to(torch.uint8)
+    # Paint in Gymnasium's order: pole and axle over the cart, then the black track line.
+    gray = gray.addcmul_(cover, POLE_GRAY - gray)  # gray + cover * (POLE_GRAY - gray)
+    gray[:, rows] += (AXLE_GRAY - POLE_GRAY) * axle
+    gray *= grid["track_keep"]
+    return gray.round_().to(torch.uint8)  # convex mixtures of shades in [0, 255]: no clamp needed
 
 
 def make_envs(num_envs: int):
@@ -336,9 +358,9 @@ class ViTEncoder(nn.Module):
         B, p = frames.shape[0], self.patch_size
         # ink, not light: the white background becomes 0, so empty patches embed to the bias alone and
         # the few patches with cart and pole stand out (with raw intensities the embedding barely varies)
-        ink = 1.0 - frames.float().div(255.0)
-        x = ink.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)
-        tokens = self.patch_embed(x.reshape(B, 3, self.rows, self.cols, p * p))  # (B, 3, rows, cols, D)
+        patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # uint8: a cheap copy
+        ink = torch.rsub(patches.reshape(B, 3, self.rows, self.cols, p * p), 1.0, alpha=1 / 255)  # 1 - frame / 255, float
+        tokens = self.patch_embed(ink)  # (B, 3, rows, cols, D)
         tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, 3 * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         for block in self.blocks:
@@ -409,6 +431,31 @@ def probe_r2(s_fit, y_fit, s_test, y_test, ridge=1e-3):
     residual = ((y_test.double() - Xt @ weights) ** 2).sum(0)
     total = ((y_test.double() - y_test.double().mean(0)) ** 2).sum(0).clamp(min=1e-12)
     return (1 - residual / total).tolist()
+
+
+PROBE_STATES = 512  # half to fit the probe, half to score it
+PROBE_BOX = np.array([2.0, 1.5, 0.12, 1.5])  # |x|, |x_dot|, |theta|, |theta_dot|: two steps stay inside the limits
+
+
+def make_probe_set(seed: int, height: int, width: int, device) -> tuple:
+    """Fixed frame stacks (PROBE_STATES, 3, H, W) and their true states (PROBE_STATES, 4) for the linear probe.
+
+    States are drawn uniformly from PROBE_BOX and played two steps forward by Gymnasium with random pushes,
+    so each stack shows real motion; the label is the state of its last frame. Independent states, unlike
+    the rows of a rollout, so fitting on one half and scoring on the other measures what the embedding holds.
+    """
+    rng = np.random.default_rng(seed)
+    envs = gym.make_vec("CartPole-v1", num_envs=PROBE_STATES, vectorization_mode="vector_entry_point")
+    envs.reset(seed=seed)
+    envs.unwrapped.state = rng.uniform(-PROBE_BOX, PROBE_BOX, size=(PROBE_STATES, 4)).T  # Gymnasium's (4, N) layout
+    state = torch.as_tensor(envs.unwrapped.state.T, dtype=torch.float32, device=device)
+    frames = [render_cartpole(state, height, width)]
+    for _ in range(2):
+        state, *_ = envs.step(rng.integers(0, 2, PROBE_STATES))
+        state = torch.as_tensor(state, device=device)
+        frames.append(render_cartpole(state, height, width))
+    envs.close()
+    return torch.stack(frames, dim=1), state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,11 +594,10 @@ if __name__ == "__main__":
     predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
     actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
     trained = nn.ModuleList([encoder, predictor, actor, critic])
-    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: no Python loop over the tensors
 
     # rollout storage; row t + 1 of `stacks` holds frames (t-1, t, t+1): the y-encoder's input for row t
     stacks = torch.zeros((args.num_steps + 1, args.num_envs, 3, H, W), dtype=torch.uint8, device=device)
-    states = torch.zeros((args.num_steps, args.num_envs, 4), device=device)  # for the probe only
     embeddings = torch.zeros((args.num_steps, args.num_envs, args.embed_dim), device=device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
@@ -561,8 +607,11 @@ if __name__ == "__main__":
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
     valid = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
 
+    # a fixed set of stacks with known states: the linear probe asks what the embedding holds about the state
+    probe_stacks, probe_states = make_probe_set(args.seed, H, W, device)
+
     global_step, start_time = 0, time.time()
-    timings = {"env": 0.0, "inference": 0.0, "update": 0.0}
+    timings = {"env": 0.0, "inference": 0.0, "update": 0.0, "probe": 0.0}
     recent_returns = deque(maxlen=20)
     next_state, _ = envs.reset(seed=args.seed)
     next_state = torch.as_tensor(next_state, device=device)
@@ -580,7 +629,7 @@ if __name__ == "__main__":
             for step in range(args.num_steps):
                 t0 = time.perf_counter()
                 global_step += args.num_envs
-                stacks[step], states[step], valid[step] = next_stack, next_state, ~next_is_reset_step
+                stacks[step], valid[step] = next_stack, ~next_is_reset_step
                 with torch.no_grad():
                     s_x = encoder(next_stack)
                     logits, value = actor(s_x), critic(s_x).flatten()
@@ -636,13 +685,9 @@ if __name__ == "__main__":
                     break
             timings["update"] += time.perf_counter() - t0
 
-            # diagnostics of the representation, on the rollout's own embeddings (no extra forward pass)
-            # env-major order, so the probe is fitted on the first half of the environments, scored on the rest
-            env_major = valid.T.flatten()
-            b_embeddings, b_states = embeddings.transpose(0, 1).flatten(0, 1)[env_major], states.transpose(0, 1).flatten(0, 1)[env_major]
+            # collapse diagnostics on the rollout's own embeddings (no extra forward pass)
+            b_embeddings = embeddings[valid]  # (num_valid, D)
             variance = embedding_variance(b_embeddings).item()
-            half = int(valid[:, : args.num_envs // 2].sum()) if args.num_envs > 1 else num_valid // 2
-            r2 = probe_r2(b_embeddings[:half], b_states[:half], b_embeddings[half:], b_states[half:])
             y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -656,8 +701,15 @@ if __name__ == "__main__":
             writer.add_scalar("embedding/target_variance", embedding_variance(batch["targets"]).item(), global_step)
             writer.add_scalar("embedding/collapsed", float(variance < 1e-7), global_step)
             writer.add_scalar("embedding/effective_rank", effective_rank(b_embeddings), global_step)
-            for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
-                writer.add_scalar(f"probe/r2_{name}", value, global_step)
+            if (iteration - 1) % args.probe_every == 0 or iteration == args.num_iterations:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    probe_embeddings = encoder(probe_stacks)
+                half = PROBE_STATES // 2
+                r2 = probe_r2(probe_embeddings[:half], probe_states[:half], probe_embeddings[half:], probe_states[half:])
+                for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
+                    writer.add_scalar(f"probe/r2_{name}", value, global_step)
+                timings["probe"] += time.perf_counter() - t0
             elapsed = time.time() - start_time
             sps = int(global_step / elapsed)
             writer.add_scalar("charts/SPS", sps, global_step)

@@ -298,6 +298,19 @@ def test_probe_r2_recovers_a_linear_state():
     assert r2[0] > 0.99 and r2[1] < 0.1
 
 
+def test_probe_set_holds_real_moving_stacks_labelled_by_their_last_frame():
+    stacks, states = jp.make_probe_set(seed=3, height=32, width=96, device="cpu")
+    assert stacks.shape == (jp.PROBE_STATES, 3, 32, 96) and stacks.dtype == torch.uint8 and states.shape == (jp.PROBE_STATES, 4)
+    assert torch.equal(stacks[:, 2], jp.render_cartpole(states, 32, 96))  # the label is the state of the last frame
+    # two real steps: the frames differ, and no state left Gymnasium's limits (which would have reset it)
+    assert (stacks[:, 0] != stacks[:, 2]).flatten(1).any(1).float().mean() > 0.9
+    assert states[:, 0].abs().max() < 2.4 and states[:, 2].abs().max() < 0.2095
+    # spread over the box, so a probe has something to explain; same seed, same set
+    assert (states.std(0) > torch.tensor([0.8, 0.6, 0.05, 0.6])).all()
+    again, _ = jp.make_probe_set(seed=3, height=32, width=96, device="cpu")
+    assert torch.equal(stacks, again)
+
+
 def test_effective_rank():
     assert jp.effective_rank(torch.eye(8)) == pytest.approx(8.0)
     assert jp.effective_rank(torch.ones(16, 8)) == pytest.approx(1.0)

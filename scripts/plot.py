@@ -1,0 +1,169 @@
+"""Figure 3 and the results table from the TensorBoard logs of a sweep (see scripts/reproduce.sh).
+
+    pip install matplotlib==3.11.2        # this script only; the training file does not need it
+    python scripts/plot.py runs/reproduce --out docs
+
+Reads every run directory under the log directory (names: <exp>__<configuration>__s<seed>__<time>), and
+writes <out>/figure3.png and <out>/results.csv, and prints the table as Markdown. Per run:
+  final return    mean return of the episodes that end between 90k and 100k steps
+  steps to 400    first step at which the running mean of the last 20 episodes reaches 400
+  AUC             the running mean return averaged over steps 0-100k (area under the curve / 100k)
+  variance, R^2   embedding/variance and probe/r2_* averaged over the last 10 iterations (about 2.5k steps)
+Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400).
+"""
+
+import argparse
+import csv
+import glob
+import os
+from collections import deque
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# (name in the run directory, label, the paper's return at 100k steps read off its Figure 3)
+CONFIGURATIONS = [
+    ("nojepa-rlgrad-novar", "1: RL gradient only", "40-50"),
+    ("jepa-rlgrad-novar", "2: JEPA + RL gradient", "~100"),
+    ("jepa-norlgrad-novar", "3: JEPA only", "~20 (collapse)"),
+    ("jepa-norlgrad-var", "4: JEPA + variance loss", "learns, slower than 2"),
+]
+STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocity"]
+GRID = np.arange(0, 100_001, 1000)  # steps at which curves are compared across seeds
+
+
+def read_run(run_dir):
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = lambda tag: (np.array([e.step for e in acc.Scalars(tag)]), np.array([e.value for e in acc.Scalars(tag)]))
+    return {tag: scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def running_mean(steps, returns, window=20):
+    recent, means = deque(maxlen=window), []
+    for r in returns:
+        recent.append(r)
+        means.append(np.mean(recent))
+    return steps, np.array(means)
+
+
+def summarize_run(run):
+    steps, returns = run["charts/episodic_return"]
+    final_window = (steps > 90_000) & (steps <= 100_000)
+    rm_steps, rm = running_mean(steps, returns)
+    full = np.flatnonzero((rm >= 400) & (np.arange(len(rm)) >= 19))  # a full window of 20 episodes
+    curve = np.interp(GRID, rm_steps, rm, left=rm[0])
+    summary = {
+        "final_return": float(returns[final_window].mean()) if final_window.any() else float("nan"),
+        "steps_to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
+        "auc": float(curve.mean()),
+        "return_curve": curve,
+        "variance": float(run["embedding/variance"][1][-10:].mean()),
+        "variance_curve": np.interp(GRID, *run["embedding/variance"]),
+    }
+    for name in STATE_VARIABLES:
+        steps_r2, r2 = run[f"probe/r2_{name}"]
+        summary[f"r2_{name}"] = float(r2[-10:].mean())
+        # the per-iteration probe is noisy: curves are smoothed over 10 iterations
+        smooth = np.convolve(r2, np.ones(10) / 10, mode="valid")
+        summary[f"r2_curve_{name}"] = np.interp(GRID, steps_r2[9:], smooth)
+    return summary
+
+
+def load_sweep(logdir):
+    sweep = {}
+    for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
+        configuration, seed = os.path.basename(run_dir).split("__")[1:3]
+        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize_run(read_run(run_dir))
+    return sweep
+
+
+def table_rows(sweep):
+    rows = []
+    for configuration, label, paper in CONFIGURATIONS:
+        runs = sweep.get(configuration)
+        if not runs:
+            continue
+        col = lambda key: np.array([run[key] for run in runs.values()])
+        finals, to_400 = col("final_return"), col("steps_to_400")
+        reached = np.isfinite(to_400)
+        rows.append({
+            "configuration": label,
+            "seeds": " ".join(str(s) for s in runs),
+            "paper_return_100k": paper,
+            "final_return_mean": round(finals.mean(), 1),
+            "final_return_std": round(finals.std(), 1),
+            "final_returns": " ".join(f"{f:.1f}" for f in finals),
+            "median_steps_to_400": np.median(to_400) if reached.any() else "never",
+            "runs_reaching_400": f"{reached.sum()}/{len(to_400)}",
+            "auc_mean": round(col("auc").mean(), 1),
+            "embedding_variance": f"{np.mean(col('variance')):.2e}",
+            **{f"r2_{name}": round(col(f"r2_{name}").mean(), 2) for name in STATE_VARIABLES},
+        })
+    return rows
+
+
+def markdown(rows):
+    header = ("| configuration | paper, return at 100k | final return (mean +- std) | median steps to 400 (runs) | AUC "
+              "| embedding variance | R^2 cart pos. | R^2 cart vel. | R^2 pole angle | R^2 pole vel. |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        to_400 = r["median_steps_to_400"]
+        to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
+        lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
+                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} | {r['embedding_variance']} | "
+                     + " | ".join(str(r[f"r2_{name}"]) for name in STATE_VARIABLES) + " |")
+    return "\n".join(lines)
+
+
+def plot(sweep, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    panels = [("return_curve", "running mean return (last 20 episodes)"), ("variance_curve", "embedding/variance")]
+    panels += [(f"r2_curve_{name}", f"probe R^2: {name.replace('_', ' ')}") for name in STATE_VARIABLES]
+    for ax, (key, title) in zip(axes.flat, panels):
+        for (configuration, label, _), color in zip(CONFIGURATIONS, ["tab:blue", "tab:orange", "tab:red", "tab:green"]):
+            if configuration not in sweep:
+                continue
+            curves = np.stack([run[key] for run in sweep[configuration].values()])
+            center = np.exp(np.log(curves).mean(0)) if key == "variance_curve" else curves.mean(0)
+            ax.plot(GRID, center, color=color, label=label)
+            ax.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("environment steps")
+        if key == "variance_curve":
+            ax.set_yscale("log")
+            ax.axhline(1e-7, color="black", linestyle="--", linewidth=1, label="collapse (1e-7)")
+        if key.startswith("r2"):
+            ax.set_ylim(-0.5, 1.0)
+    axes.flat[0].legend(loc="upper left")
+    axes.flat[1].legend(loc="lower left", fontsize=8)
+    fig.suptitle("JEPA + PPO on CartPole from pixels: mean over seeds (line), min-max over seeds (band)")
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("logdir", help="directory holding the sweep's run directories")
+    parser.add_argument("--out", default="docs", help="where figure3.png and results.csv go")
+    parser.add_argument("--per-run", action="store_true", help="also print each run's final return and steps to 400")
+    opts = parser.parse_args()
+    sweep = load_sweep(opts.logdir)
+    if opts.per_run:
+        for configuration, runs in sweep.items():
+            for seed, run in runs.items():
+                print(f"{configuration} seed {seed}: final return {run['final_return']:.1f}, steps to 400 "
+                      f"{run['steps_to_400']:.0f}, AUC {run['auc']:.1f}, variance {run['variance']:.2e}, R^2 pole angle "
+                      f"{run['r2_pole_angle']:.2f}, cart position {run['r2_cart_position']:.2f}")
+    rows = table_rows(sweep)
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(sweep, os.path.join(opts.out, "figure3.png"))
+    print(markdown(rows))
