@@ -39,6 +39,8 @@ from torch.utils.tensorboard import SummaryWriter
 class Args:
     exp_name: str = "jepa_ppo_cartpole"
     """the name of this experiment (first part of the run directory's name)"""
+    runs_dir: str = "runs"
+    """the directory that holds the run directories (TensorBoard logs, saved models)"""
     seed: int = 1
     """seed of the experiment (torch, numpy, random and the environments)"""
     torch_deterministic: bool = True
@@ -545,9 +547,9 @@ def configuration_name(args: Args) -> str:
 
 
 def make_run_dir(args: Args) -> str:
-    """runs/<exp>__<configuration>__s<seed>__<unix time>[_k]: never shared by two runs, even started together."""
-    base = os.path.join("runs", f"{args.exp_name}__{configuration_name(args)}__s{args.seed}__{int(time.time())}")
-    os.makedirs("runs", exist_ok=True)
+    """<runs_dir>/<exp>__<configuration>__s<seed>__<unix time>[_k]: never shared by two runs, even started together."""
+    base = os.path.join(args.runs_dir, f"{args.exp_name}__{configuration_name(args)}__s{args.seed}__{int(time.time())}")
+    os.makedirs(args.runs_dir, exist_ok=True)
     for k in range(1000):
         run_dir = base if k == 0 else f"{base}_{k}"
         try:

@@ -360,6 +360,8 @@ def test_run_directories_are_unique(tmp_path, monkeypatch):
     first, second = jp.make_run_dir(args), jp.make_run_dir(args)
     assert first != second and os.path.isdir(first) and os.path.isdir(second)
     assert "jepa-rlgrad-novar" in first and "s1" in first
+    elsewhere = jp.make_run_dir(jp.parse_args(["--runs-dir", "sweep/logs", "--exp-name", "fig3"]))
+    assert os.path.dirname(elsewhere) == os.path.join("sweep", "logs") and os.path.basename(elsewhere).startswith("fig3__")
 
 
 # ------------------------------------------------------------------------------- end to end, logged

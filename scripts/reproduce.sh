@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Figure 3: the paper's four configurations x 5 seeds x 100k steps, each run single-threaded.
+#
+#   bash scripts/reproduce.sh                       # seeds 1-5, 2 runs at a time, logs in runs/reproduce
+#   PYTHON=.venv/bin/python bash scripts/reproduce.sh --jobs 2
+#   bash scripts/reproduce.sh --jobs 8 --seeds "1 2 3 4 5 6 7 8 9 10" --logdir runs/more
+#   python scripts/plot.py runs/reproduce --out docs
+#
+# Runs share nothing, so the sweep splits over machines in any way: give each machine its own --seeds,
+# or feed the printed commands (--dry-run) to a job array or `xargs -P`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs=2
+seeds="1 2 3 4 5"
+logdir=runs/reproduce
+dry_run=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --jobs) jobs="$2"; shift 2 ;;
+    --seeds) seeds="$2"; shift 2 ;;
+    --logdir) logdir="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"1 2 ...\", --logdir DIR, --dry-run)" >&2; exit 2 ;;
+  esac
+done
+case "$jobs" in ''|*[!0-9]*|0) echo "error: --jobs must be a positive integer, got '$jobs'" >&2; exit 2 ;; esac
+
+python="${PYTHON:-python}"
+configurations=(
+  "--no-jepa --rl-grad --no-var-reg"   # 1: RL gradient only
+  "--jepa --rl-grad --no-var-reg"      # 2: JEPA + RL gradient (the default)
+  "--jepa --no-rl-grad --no-var-reg"   # 3: JEPA only
+  "--jepa --no-rl-grad --var-reg"      # 4: JEPA + variance loss
+)
+
+commands=()
+for seed in $seeds; do
+  for k in 0 1 2 3; do
+    commands+=("OMP_NUM_THREADS=1 $python jepa_ppo_cartpole.py ${configurations[$k]} --seed $seed --no-cuda \
+--exp-name reproduce --runs-dir $logdir > $logdir/config$((k + 1))_seed$seed.log 2>&1")
+  done
+done
+
+if [ "$dry_run" = 1 ]; then
+  printf '%s\n' "${commands[@]}"
+  exit 0
+fi
+mkdir -p "$logdir"
+printf '%s\0' "${commands[@]}" | xargs -0 -P "$jobs" -n 1 sh -c
+echo "done: python scripts/plot.py $logdir --out docs"
