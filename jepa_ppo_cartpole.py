@@ -257,7 +257,7 @@ def render_cartpole(states: torch.Tensor, height: int, width: int) -> torch.Tens
     corner_x = torch.trunc(across * cos + along * sin + cart_x) + 0.5  # (N, 4) pixel centres
     corner_y = 399.5 - torch.trunc(along * cos - across * sin + 107.5)
     edge_x, edge_y = corner_x.roll(-1, 1) - corner_x, corner_y.roll(-1, 1) - corner_y  # edge k: corner k -> k + 1
-    length = torch.sqrt(edge_x**2 + edge_y**2)
+    length = torch.hypot(edge_x, edge_y)
     normal_x, normal_y = -edge_y / length, edge_x / length  # (N, 4), pointing into the pole
     footprint = normal_x.abs() * grid["sx"] + normal_y.abs() * grid["sy"]
     # ramp = 0.5 + (signed distance + 0.5) / footprint; the +0.5 inside: pygame fills edge pixels inclusively

@@ -6,7 +6,7 @@
 1. frames/s of `render_cartpole` against Gymnasium's pygame `render()` + grayscale + area downsampling to
    the same 32 x 96 crop, one thread each, in this process;
 2. a default training run in a child process: wall clock, final charts/SPS, the split of its time into
-   environment + drawing, rollout inference and update (the perf/* tags), and its peak resident memory.
+   environment + drawing, rollout inference, update and probe (the perf/* tags), and its peak resident memory.
 """
 
 import argparse
@@ -87,7 +87,7 @@ if __name__ == "__main__":
               f"Gymnasium render + downsample {theirs:6.0f} frames/s | ratio {ours / theirs:6.1f}x")
     if not opts.skip_training:
         wall, peak_mib, last = bench_training(opts.train_args.split())
-        timed = {name: last[f"perf/{name}_seconds"] for name in ["env", "inference", "update"]}
+        timed = {name: last[f"perf/{name}_seconds"] for name in ["env", "inference", "update", "probe"]}
         print(f"training run: wall clock {wall:.1f} s (start-up included), final charts/SPS {last['charts/SPS']:.0f}")
         print("time split: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / sum(timed.values()):.0f}%)" for name, seconds in timed.items()))
         print(f"peak resident memory of the training process: {peak_mib:.0f} MiB")
