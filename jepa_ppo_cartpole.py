@@ -596,7 +596,8 @@ if __name__ == "__main__":
     predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
     actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
     trained = nn.ModuleList([encoder, predictor, actor, critic])
-    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: no Python loop over the tensors
+    # fused: one kernel over all parameter tensors instead of a Python loop
+    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # rollout storage; row t + 1 of `stacks` holds frames (t-1, t, t+1): the y-encoder's input for row t
     stacks = torch.zeros((args.num_steps + 1, args.num_envs, 3, H, W), dtype=torch.uint8, device=device)
@@ -615,9 +616,8 @@ if __name__ == "__main__":
     global_step, start_time = 0, time.time()
     timings = {"env": 0.0, "inference": 0.0, "update": 0.0, "probe": 0.0}
     recent_returns = deque(maxlen=20)
-    next_state, _ = envs.reset(seed=args.seed)
-    next_state = torch.as_tensor(next_state, device=device)
-    next_stack = initial_stack(next_state, H, W)
+    first_state, _ = envs.reset(seed=args.seed)
+    next_stack = initial_stack(torch.as_tensor(first_state, device=device), H, W)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
     next_is_reset_step = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
     writer.add_image("observations/frame_stacks", next_stack[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
@@ -641,7 +641,7 @@ if __name__ == "__main__":
                 t1 = time.perf_counter()
                 timings["inference"] += t1 - t0
 
-                next_state, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
+                _, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
                     envs, action, next_stack, next_is_reset_step, H, W)
                 rewards[step], terminations[step], dones[step] = reward, terminated, next_is_reset_step
                 if "_episode" in info:
