@@ -103,6 +103,9 @@ class Args:
     """width of a frame in pixels (the full 600-pixel track, scaled)"""
     patch_size: int = 16
     """side of a square ViT patch; must divide the frame height and width"""
+    tubelets: bool = False
+    """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
+    CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
 
     # ViT encoder and predictor
     embed_dim: int = 64
@@ -347,9 +350,11 @@ class ViTEncoder(nn.Module):
         super().__init__()
         p, d = args.patch_size, args.embed_dim
         self.patch_size, self.rows, self.cols = p, args.frame_height // p, args.frame_width // p
-        self.patch_embed = nn.Linear(p * p, d)
-        # positional encoding over (frame, row, column): a learned table per axis, summed
-        self.frame_pos = nn.Parameter(0.02 * torch.randn(3, 1, 1, d))
+        self.frames_per_token = 3 if args.tubelets else 1
+        self.patch_embed = nn.Linear(self.frames_per_token * p * p, d)
+        # positional encoding over (frame, row, column): a learned table per axis, summed (a tubelet spans
+        # all frames, so its frame table has one row)
+        self.frame_pos = nn.Parameter(0.02 * torch.randn(3 // self.frames_per_token, 1, 1, d))
         self.row_pos = nn.Parameter(0.02 * torch.randn(1, self.rows, 1, d))
         self.col_pos = nn.Parameter(0.02 * torch.randn(1, 1, self.cols, d))
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
@@ -360,10 +365,14 @@ class ViTEncoder(nn.Module):
         B, p = frames.shape[0], self.patch_size
         # ink, not light: the white background becomes 0, so empty patches embed to the bias alone and
         # the few patches with cart and pole stand out (with raw intensities the embedding barely varies)
-        patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # uint8: a cheap copy
-        ink = torch.rsub(patches.reshape(B, 3, self.rows, self.cols, p * p), 1.0, alpha=1 / 255)  # 1 - frame / 255, float
-        tokens = self.patch_embed(ink)  # (B, 3, rows, cols, D)
-        tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, 3 * rows * cols, D)
+        patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, 3, rows, cols, p, p)
+        if self.frames_per_token == 3:  # a tubelet holds its patch in frames t-2, t-1, t side by side
+            patches = patches.permute(0, 2, 3, 1, 4, 5)[:, None]  # (B, 1, rows, cols, 3, p, p)
+        n = 3 // self.frames_per_token  # tokens per patch position
+        # uint8 rearranged first (a cheap copy), then 1 - frame / 255 as float in one operation
+        ink = torch.rsub(patches.reshape(B, n, self.rows, self.cols, -1), 1.0, alpha=1 / 255)
+        tokens = self.patch_embed(ink)  # (B, n, rows, cols, D)
+        tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, n * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)

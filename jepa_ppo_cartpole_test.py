@@ -224,6 +224,22 @@ def test_positional_encoding_sees_frame_order():
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
 
 
+def test_tubelets_make_one_token_per_patch_position_that_sees_all_frames():
+    args, encoder, *_ = make_models(tubelets=True)
+    seen = []
+    encoder.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    stacks = fake_minibatch(args, n=2)["stacks"]
+    assert encoder(stacks).shape == (2, args.embed_dim)
+    assert seen[0][1] == (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size) + 1  # + CLS
+    stacks[:, 0] = 255  # the frame order still matters: a tubelet keeps its frames in order
+    assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
+    _, per_frame, *_ = make_models()
+    seen.clear()
+    per_frame.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    per_frame(stacks)
+    assert seen[0][1] == 3 * (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size) + 1
+
+
 def test_predictor_output_depends_on_action():
     args, encoder, predictor, _, _ = make_models()
     s_x = encoder(fake_minibatch(args, n=4)["stacks"])

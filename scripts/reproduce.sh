@@ -4,6 +4,7 @@
 #   bash scripts/reproduce.sh                       # seeds 1-5, 2 runs at a time, logs in runs/reproduce
 #   PYTHON=.venv/bin/python bash scripts/reproduce.sh --jobs 2
 #   bash scripts/reproduce.sh --jobs 8 --seeds "1 2 3 4 5 6 7 8 9 10" --logdir runs/more
+#   bash scripts/reproduce.sh --flags "--tubelets" --logdir runs/reproduce_tubelets   # same flags added to every run
 #   python scripts/plot.py runs/reproduce --out docs
 #
 # Runs share nothing, so the sweep splits over machines in any way: give each machine its own --seeds,
@@ -15,13 +16,15 @@ jobs=2
 seeds="1 2 3 4 5"
 logdir=runs/reproduce
 dry_run=0
+flags=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --jobs) jobs="$2"; shift 2 ;;
     --seeds) seeds="$2"; shift 2 ;;
     --logdir) logdir="$2"; shift 2 ;;
+    --flags) flags="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"1 2 ...\", --logdir DIR, --dry-run)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"1 2 ...\", --logdir DIR, --flags \"...\", --dry-run)" >&2; exit 2 ;;
   esac
 done
 case "$jobs" in ''|*[!0-9]*|0) echo "error: --jobs must be a positive integer, got '$jobs'" >&2; exit 2 ;; esac
@@ -37,7 +40,7 @@ configurations=(
 commands=()
 for seed in $seeds; do
   for k in 0 1 2 3; do
-    commands+=("OMP_NUM_THREADS=1 $python jepa_ppo_cartpole.py ${configurations[$k]} --seed $seed --no-cuda \
+    commands+=("OMP_NUM_THREADS=1 $python jepa_ppo_cartpole.py ${configurations[$k]} $flags --seed $seed --no-cuda \
 --exp-name reproduce --runs-dir $logdir > $logdir/config$((k + 1))_seed$seed.log 2>&1")
   done
 done
