@@ -2,6 +2,7 @@
 
     python scripts/bench.py                 # drawing benchmark + a default 100k-step training run
     python scripts/bench.py --skip-training # drawing benchmark only
+    python scripts/bench.py --train-args=--tubelets   # flags for the training run (note the "=")
 
 1. frames/s of `render_cartpole` against Gymnasium's pygame `render()` + grayscale + area downsampling to
    the same 32 x 96 crop, one thread each, in this process;
