@@ -224,20 +224,24 @@ def test_positional_encoding_sees_frame_order():
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
 
 
+def tokens_seen(encoder, stacks):
+    """Length of the token sequence (CLS included) that enters the encoder's first block."""
+    seen = []
+    hook = encoder.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    encoder(stacks)
+    hook.remove()
+    return seen[0]
+
+
 def test_tubelets_make_one_token_per_patch_position_that_sees_all_frames():
     args, encoder, *_ = make_models(tubelets=True)
-    seen = []
-    encoder.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    _, per_frame, *_ = make_models()
     stacks = fake_minibatch(args, n=2)["stacks"]
+    patches = (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size)
     assert encoder(stacks).shape == (2, args.embed_dim)
-    assert seen[0][1] == (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size) + 1  # + CLS
+    assert tokens_seen(encoder, stacks) == patches + 1 and tokens_seen(per_frame, stacks) == 3 * patches + 1
     stacks[:, 0] = 255  # the frame order still matters: a tubelet keeps its frames in order
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
-    _, per_frame, *_ = make_models()
-    seen.clear()
-    per_frame.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
-    per_frame(stacks)
-    assert seen[0][1] == 3 * (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size) + 1
 
 
 def test_predictor_output_depends_on_action():
@@ -344,6 +348,7 @@ def test_effective_rank():
     (["--num-heads", "3"], "--num-heads"),
     (["--no-jepa", "--no-rl-grad"], "--no-rl-grad"),
     (["--learning-rate", "0"], "--learning-rate"),
+    (["--probe-every", "0"], "--probe-every"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
 ])
