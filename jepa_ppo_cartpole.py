@@ -128,8 +128,9 @@ class Args:
     """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
 
     # Diagnostics
-    probe_every: int = 10
-    """fit and log the linear state probe every this many iterations (and at the last)"""
+    probe_every: int = 20
+    """fit and log the linear state probes every this many iterations (and at the last); the on-policy probe
+    needs --num-envs >= 2 (it fits on half of the environments and scores on the other half)"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -444,6 +445,7 @@ def probe_r2(s_fit, y_fit, s_test, y_test, ridge=1e-3):
     return (1 - residual / total).tolist()
 
 
+STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocity"]  # CartPole's state, in order
 PROBE_STATES = 512  # half to fit the probe, half to score it
 PROBE_BOX = np.array([2.0, 1.5, 0.12, 1.5])  # |x|, |x_dot|, |theta|, |theta_dot|: two steps stay inside the limits
 
@@ -467,6 +469,25 @@ def make_probe_set(seed: int, height: int, width: int, device) -> tuple:
         frames.append(render_cartpole(state, height, width))
     envs.close()
     return torch.stack(frames, dim=1), state
+
+
+ONPOLICY_PROBE_ROLLOUTS = 20  # the on-policy probe reads every fourth step of the last 20 rollouts: 1,280 stacks
+
+
+def onpolicy_probe_r2(encoder, pool) -> list:
+    """R^2 of the linear probe on the states the policy visits.
+
+    `pool` holds recent rollouts as (stacks (T, N, 3, H, W), states (T, N, 4), valid (T, N)), the state being
+    that of each stack's last frame. The current encoder embeds them; the probe is fitted on the first half of
+    the environments and scored on the other half, so fit and score never share an episode.
+    """
+    stacks, states, valid = (torch.cat(parts) for parts in zip(*pool))
+    in_fit_half = torch.arange(valid.shape[1], device=valid.device) < valid.shape[1] // 2  # (N,)
+    fit = in_fit_half.expand_as(valid)[valid]  # (valid rows,), row order of stacks[valid]
+    with torch.no_grad():
+        s = encoder(stacks[valid])
+    states = states[valid]
+    return probe_r2(s[fit], states[fit], s[~fit], states[~fit])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -618,15 +639,19 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)  # terminated or truncated
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
     valid = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+    states = torch.zeros((args.num_steps, args.num_envs, 4), device=device)  # true state of each stack's last frame
 
-    # a fixed set of stacks with known states: the linear probe asks what the embedding holds about the state
+    # Linear probes ask what the embedding holds about the true state: on a fixed set of stacks spread over
+    # the state space, and on the states the policy has visited lately (its recent rollouts, re-embedded)
     probe_stacks, probe_states = make_probe_set(args.seed, H, W, device)
+    onpolicy_pool = deque(maxlen=ONPOLICY_PROBE_ROLLOUTS)
 
     global_step, start_time = 0, time.time()
     timings = {"env": 0.0, "inference": 0.0, "update": 0.0, "probe": 0.0}
     recent_returns = deque(maxlen=20)
     first_state, _ = envs.reset(seed=args.seed)
-    next_stack = initial_stack(torch.as_tensor(first_state, device=device), H, W)
+    next_state = torch.as_tensor(first_state, device=device)
+    next_stack = initial_stack(next_state, H, W)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
     next_is_reset_step = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
     writer.add_image("observations/frame_stacks", next_stack[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
@@ -640,7 +665,7 @@ if __name__ == "__main__":
             for step in range(args.num_steps):
                 t0 = time.perf_counter()
                 global_step += args.num_envs
-                stacks[step], valid[step] = next_stack, ~next_is_reset_step
+                stacks[step], states[step], valid[step] = next_stack, next_state, ~next_is_reset_step
                 with torch.no_grad():
                     s_x = encoder(next_stack)
                     logits, value = actor(s_x), critic(s_x).flatten()
@@ -650,7 +675,7 @@ if __name__ == "__main__":
                 t1 = time.perf_counter()
                 timings["inference"] += t1 - t0
 
-                _, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
+                next_state, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
                     envs, action, next_stack, next_is_reset_step, H, W)
                 rewards[step], terminations[step], dones[step] = reward, terminated, next_is_reset_step
                 if "_episode" in info:
@@ -661,6 +686,8 @@ if __name__ == "__main__":
                         writer.add_scalar("charts/episodic_length", int(info["episode"]["l"][i]), global_step)
                 timings["env"] += time.perf_counter() - t1
             stacks[args.num_steps] = next_stack
+            # every fourth step is enough for the probe: neighbouring steps are nearly the same sample
+            onpolicy_pool.append((stacks[:-1:4].clone(), states[::4].clone(), valid[::4].clone()))
 
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -718,8 +745,11 @@ if __name__ == "__main__":
                     probe_embeddings = encoder(probe_stacks)
                 half = PROBE_STATES // 2
                 r2 = probe_r2(probe_embeddings[:half], probe_states[:half], probe_embeddings[half:], probe_states[half:])
-                for name, value in zip(["cart_position", "cart_velocity", "pole_angle", "pole_velocity"], r2):
+                for name, value in zip(STATE_VARIABLES, r2):
                     writer.add_scalar(f"probe/r2_{name}", value, global_step)
+                if args.num_envs >= 2:
+                    for name, value in zip(STATE_VARIABLES, onpolicy_probe_r2(encoder, onpolicy_pool)):
+                        writer.add_scalar(f"probe/onpolicy_r2_{name}", value, global_step)
                 timings["probe"] += time.perf_counter() - t0
             elapsed = time.time() - start_time
             sps = int(global_step / elapsed)

@@ -22,6 +22,8 @@ TAGS = [
     "losses/explained_variance", "losses/jepa_loss", "losses/var_loss",
     "embedding/variance", "embedding/target_variance", "embedding/collapsed", "embedding/effective_rank",
     "probe/r2_cart_position", "probe/r2_cart_velocity", "probe/r2_pole_angle", "probe/r2_pole_velocity",
+    "probe/onpolicy_r2_cart_position", "probe/onpolicy_r2_cart_velocity", "probe/onpolicy_r2_pole_angle",
+    "probe/onpolicy_r2_pole_velocity",
 ]
 CONFIGS = {
     "1": ["--no-jepa", "--rl-grad", "--no-var-reg"],
@@ -329,6 +331,29 @@ def test_probe_set_holds_real_moving_stacks_labelled_by_their_last_frame():
     assert (states.std(0) > torch.tensor([0.8, 0.6, 0.05, 0.6])).all()
     again, _ = jp.make_probe_set(seed=3, height=32, width=96, device="cpu")
     assert torch.equal(stacks, again)
+
+
+def test_onpolicy_probe_fits_on_half_the_environments_and_scores_on_the_rest(monkeypatch):
+    """Each stack carries a row id in a pixel; the stub encoder reads it back, the label holds it too."""
+    T, N, pool, ids = 4, 6, [], iter(range(1, 256))
+    for _ in range(2):  # two rollouts in the pool
+        stacks = torch.zeros(T, N, 3, 8, 8, dtype=torch.uint8)
+        states = torch.zeros(T, N, 4)
+        for t in range(T):
+            for n in range(N):
+                stacks[t, n, 2, 0, 0] = states[t, n, 0] = next(ids)
+        valid = torch.ones(T, N, dtype=torch.bool)
+        valid[1, 0] = valid[2, 4] = False  # reset rows of NEXT_STEP autoreset
+        pool.append((stacks, states, valid))
+    seen = {}
+    monkeypatch.setattr(jp, "probe_r2", lambda *parts: seen.update(zip(["s_fit", "y_fit", "s_test", "y_test"], parts)))
+    jp.onpolicy_probe_r2(lambda stacks: stacks[:, 2, 0, :1].float(), pool)
+
+    expected = lambda envs: {int(states[t, n, 0]) for stacks, states, valid in pool for t in range(T) for n in envs if valid[t, n]}
+    assert set(seen["y_fit"][:, 0].int().tolist()) == expected(range(N // 2))  # only environments 0-2, only real rows
+    assert set(seen["y_test"][:, 0].int().tolist()) == expected(range(N // 2, N))
+    assert len(seen["y_fit"]) + len(seen["y_test"]) == sum(int(valid.sum()) for _, _, valid in pool)
+    assert torch.equal(seen["s_fit"][:, 0], seen["y_fit"][:, 0]) and torch.equal(seen["s_test"][:, 0], seen["y_test"][:, 0])
 
 
 def test_effective_rank():
