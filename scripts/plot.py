@@ -10,7 +10,8 @@ writes <out>/figure3.png and <out>/results.csv, and prints the table as Markdown
   AUC             the running mean return averaged over steps 0-100k (area under the curve / 100k)
   variance        embedding/variance averaged over the last 10 iterations (about 2.5k steps); lowest: its
                   minimum over the run (median over seeds)
-  R^2             probe/r2_* averaged over its last 3 fits (the last 5k steps)
+  R^2             the last 2 fits (the last 5k steps) of the two linear probes: probe/onpolicy_r2_* on the
+                  states the policy visits, probe/r2_* on the fixed probe set spread over the state space
 Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400).
 """
 
@@ -31,6 +32,7 @@ CONFIGURATIONS = [
     ("jepa-norlgrad-var", "4: JEPA + variance loss", "learns, slower than 2"),
 ]
 STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocity"]
+PROBES = {"onpolicy_": "on-policy probe", "": "fixed-set probe"}  # tag prefix -> title
 GRID = np.arange(0, 100_001, 1000)  # steps at which curves are compared across seeds
 
 
@@ -64,10 +66,13 @@ def summarize_run(run):
         "lowest_variance": float(run["embedding/variance"][1].min()),
         "variance_curve": np.interp(GRID, *run["embedding/variance"]),
     }
-    for name in STATE_VARIABLES:
-        steps_r2, r2 = run[f"probe/r2_{name}"]
-        summary[f"r2_{name}"] = float(r2[-3:].mean())
-        summary[f"r2_curve_{name}"] = np.interp(GRID, steps_r2, r2)
+    for key in ["effective_rank", "jepa_loss"]:
+        summary[f"{key}_curve"] = np.interp(GRID, *run[f"embedding/{key}" if key == "effective_rank" else f"losses/{key}"])
+    for probe in PROBES:
+        for name in STATE_VARIABLES:
+            steps_r2, r2 = run[f"probe/{probe}r2_{name}"]
+            summary[f"{probe}r2_{name}"] = float(r2[-2:].mean())
+            summary[f"{probe}r2_curve_{name}"] = np.interp(GRID, steps_r2, r2)
     return summary
 
 
@@ -104,21 +109,21 @@ def table_rows(sweep):
             "auc_mean": round(col("auc").mean(), 1),
             "embedding_variance": f"{np.mean(col('variance')):.2e}",
             "lowest_embedding_variance": f"{np.median(col('lowest_variance')):.1e}",
-            **{f"r2_{name}": round(col(f"r2_{name}").mean(), 2) for name in STATE_VARIABLES},
+            **{f"{probe}r2_{name}": round(col(f"{probe}r2_{name}").mean(), 2) for probe in PROBES for name in STATE_VARIABLES},
         })
     return rows
 
 
 def markdown(rows):
     header = ("| configuration | paper, return at 100k | final return (mean +- std) | median steps to 400 (runs) | AUC "
-              "| embedding variance: final, lowest | R^2 cart pos. | R^2 cart vel. | R^2 pole angle | R^2 pole vel. |")
+              "| embedding variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         to_400 = r["median_steps_to_400"]
         to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
                      f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
-                     + " | ".join(str(r[f"r2_{name}"]) for name in STATE_VARIABLES) + " |")
+                     + " | ".join(f"{r[f'onpolicy_r2_{name}']} / {r[f'r2_{name}']}" for name in STATE_VARIABLES) + " |")
     return "\n".join(lines)
 
 
@@ -128,23 +133,27 @@ def plot(sweep, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    panels = [("return_curve", "running mean return (last 20 episodes)"), ("variance_curve", "embedding/variance")]
-    panels += [(f"r2_curve_{name}", f"probe R^2: {name.replace('_', ' ')}") for name in STATE_VARIABLES]
+    fig, axes = plt.subplots(3, 4, figsize=(18, 11), constrained_layout=True)
+    panels = [("return_curve", "running mean return (last 20 episodes)"), ("variance_curve", "embedding/variance"),
+              ("effective_rank_curve", "embedding/effective_rank"), ("jepa_loss_curve", "losses/jepa_loss")]
+    panels += [(f"{probe}r2_curve_{name}", f"{title} R^2: {name.replace('_', ' ')}") for probe, title in PROBES.items()
+               for name in STATE_VARIABLES]
     for ax, (key, title) in zip(axes.flat, panels):
         for (configuration, label, _), color in zip(CONFIGURATIONS, ["tab:blue", "tab:orange", "tab:red", "tab:green"]):
             if configuration not in sweep:
                 continue
             curves = np.stack([run[key] for run in sweep[configuration].values()])
-            center = np.exp(np.log(curves).mean(0)) if key == "variance_curve" else curves.mean(0)
+            log_axis = key in ("variance_curve", "jepa_loss_curve")
+            center = np.exp(np.log(curves).mean(0)) if log_axis else curves.mean(0)
             ax.plot(GRID, center, color=color, label=label)
             ax.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel("environment steps")
-        if key == "variance_curve":
+        if key in ("variance_curve", "jepa_loss_curve"):
             ax.set_yscale("log")
+        if key == "variance_curve":
             ax.axhline(1e-7, color="black", linestyle="--", linewidth=1, label="collapse (1e-7)")
-        if key.startswith("r2"):
+        if "r2_curve" in key:
             ax.set_ylim(-0.5, 1.0)
     axes.flat[0].legend(loc="upper left")
     axes.flat[1].legend(loc="lower left", fontsize=8)
@@ -164,7 +173,8 @@ if __name__ == "__main__":
             for seed, run in runs.items():
                 print(f"{configuration} seed {seed}: final return {run['final_return']:.1f}, steps to 400 "
                       f"{run['steps_to_400']:.0f}, AUC {run['auc']:.1f}, variance {run['variance']:.2e}, R^2 pole angle "
-                      f"{run['r2_pole_angle']:.2f}, cart position {run['r2_cart_position']:.2f}")
+                      f"{run['r2_pole_angle']:.2f} (on-policy {run['onpolicy_r2_pole_angle']:.2f}), cart position "
+                      f"{run['r2_cart_position']:.2f} (on-policy {run['onpolicy_r2_cart_position']:.2f})")
     rows = table_rows(sweep)
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "results.csv"), "w", newline="") as f:
