@@ -34,6 +34,7 @@ CONFIGURATIONS = [
 STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocity"]
 PROBES = {"onpolicy_": "on-policy probe", "": "fixed-set probe"}  # tag prefix -> title
 GRID = np.arange(0, 100_001, 1000)  # steps at which curves are compared across seeds
+LOG_AXIS = ("variance_curve", "jepa_loss_curve")  # drawn on a log axis, their mean over seeds geometric
 
 
 def read_run(run_dir):
@@ -64,10 +65,9 @@ def summarize_run(run):
         "return_curve": curve,
         "variance": float(run["embedding/variance"][1][-10:].mean()),
         "lowest_variance": float(run["embedding/variance"][1].min()),
-        "variance_curve": np.interp(GRID, *run["embedding/variance"]),
     }
-    for key in ["effective_rank", "jepa_loss"]:
-        summary[f"{key}_curve"] = np.interp(GRID, *run[f"embedding/{key}" if key == "effective_rank" else f"losses/{key}"])
+    for tag in ["embedding/variance", "embedding/effective_rank", "losses/jepa_loss"]:
+        summary[f"{tag.split('/')[1]}_curve"] = np.interp(GRID, *run[tag])
     for probe in PROBES:
         for name in STATE_VARIABLES:
             steps_r2, r2 = run[f"probe/{probe}r2_{name}"]
@@ -143,13 +143,12 @@ def plot(sweep, path):
             if configuration not in sweep:
                 continue
             curves = np.stack([run[key] for run in sweep[configuration].values()])
-            log_axis = key in ("variance_curve", "jepa_loss_curve")
-            center = np.exp(np.log(curves).mean(0)) if log_axis else curves.mean(0)
+            center = np.exp(np.log(curves).mean(0)) if key in LOG_AXIS else curves.mean(0)
             ax.plot(GRID, center, color=color, label=label)
             ax.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel("environment steps")
-        if key in ("variance_curve", "jepa_loss_curve"):
+        if key in LOG_AXIS:
             ax.set_yscale("log")
         if key == "variance_curve":
             ax.axhline(1e-7, color="black", linestyle="--", linewidth=1, label="collapse (1e-7)")
