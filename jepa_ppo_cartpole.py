@@ -92,7 +92,7 @@ class Args:
     vf_coef: float = 0.5
     """coefficient of the value loss"""
     max_grad_norm: float = 0.5
-    """the maximum norm for gradient clipping"""
+    """the maximum gradient norm, clipped for encoder, predictor, actor and critic separately"""
     target_kl: Optional[float] = None
     """stop the update epochs early when the approximate KL exceeds this"""
 
@@ -126,6 +126,20 @@ class Args:
     """weight of the variance loss when --var-reg is on"""
     ema_tau: float = 0.99
     """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
+    ema_per_iteration: bool = False
+    """if toggled, move the y-encoder once per iteration (after its last optimizer step) instead of after every step"""
+    fresh_targets: bool = False
+    """if toggled, the y-encoder embeds each minibatch's targets just before its optimizer step; by default it embeds
+    the whole rollout's targets once, before the update epochs, so later minibatches see targets up to
+    update_epochs * num_minibatches EMA steps old (the y-encoder itself moves after every step either way)"""
+
+    # Ingredients of configuration 3's collapse (README: "Configuration 3 and the collapse")
+    ink: bool = True
+    """feed the ViT ink (1 - intensity, the white background is 0); --no-ink feeds raw intensities (background 1)"""
+    final_ln: bool = True
+    """normalize the CLS output with a LayerNorm (learnable gain and bias) to give the embedding"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (AdamW) on every trained parameter; 0 is plain Adam"""
 
     # Diagnostics
     probe_every: int = 20
@@ -152,7 +166,7 @@ def check_args(args: Args) -> Optional[str]:
     for name in ["gamma", "gae_lambda", "ema_tau"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
-    for name in ["ent_coef", "vf_coef", "jepa_coef", "var_coef"]:
+    for name in ["ent_coef", "vf_coef", "jepa_coef", "var_coef", "weight_decay"]:
         if not getattr(args, name) >= 0.0:
             return f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}"
     batch_size = args.num_envs * args.num_steps
@@ -360,24 +374,30 @@ class ViTEncoder(nn.Module):
         self.col_pos = nn.Parameter(0.02 * torch.randn(1, 1, self.cols, d))
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
         self.blocks = nn.ModuleList(Block(d, args.num_heads, args.mlp_ratio) for _ in range(args.depth))
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = nn.LayerNorm(d) if args.final_ln else nn.Identity()
+        self.ink = args.ink
 
-    def forward(self, frames):
+    def cls_output(self, frames):
+        """(B, 3, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
         B, p = frames.shape[0], self.patch_size
-        # ink, not light: the white background becomes 0, so empty patches embed to the bias alone and
-        # the few patches with cart and pole stand out (with raw intensities the embedding barely varies)
         patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, 3, rows, cols, p, p)
         if self.frames_per_token == 3:  # a tubelet holds its patch in frames t-2, t-1, t side by side
             patches = patches.permute(0, 2, 3, 1, 4, 5)[:, None]  # (B, 1, rows, cols, 3, p, p)
         n = 3 // self.frames_per_token  # tokens per patch position
-        # uint8 rearranged first (a cheap copy), then 1 - frame / 255 as float in one operation
-        ink = torch.rsub(patches.reshape(B, n, self.rows, self.cols, -1), 1.0, alpha=1 / 255)
-        tokens = self.patch_embed(ink)  # (B, n, rows, cols, D)
+        # uint8 rearranged first (a cheap copy), then turned into floats in one operation. Ink, not light:
+        # the white background becomes 0, so empty patches embed to the bias alone and the few patches
+        # with cart and pole stand out
+        patches = patches.reshape(B, n, self.rows, self.cols, -1)
+        pixels = torch.rsub(patches, 1.0, alpha=1 / 255) if self.ink else patches * (1 / 255)
+        tokens = self.patch_embed(pixels)  # (B, n, rows, cols, D)
         tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, n * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x[:, 0])
+        return x[:, 0]
+
+    def forward(self, frames):
+        return self.ln_f(self.cls_output(frames))
 
 
 class Predictor(nn.Module):
@@ -399,6 +419,24 @@ def make_heads(embed_dim, num_actions=2):
     actor = nn.Sequential(layer_init(nn.Linear(embed_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, num_actions), std=0.01))
     critic = nn.Sequential(layer_init(nn.Linear(embed_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0))
     return actor, critic
+
+
+def make_agent(args: Args, device):
+    """x-encoder, y-encoder, predictor, actor, critic, and one Adam over all that is trained.
+
+    The y-encoder starts as an exact copy of the x-encoder and is never optimized. Adam is elementwise, so the
+    modules share it without sharing a step: their gradients are clipped apart (`clip_grad_norms`)."""
+    encoder = ViTEncoder(args).to(device)
+    target_encoder = ViTEncoder(args).to(device)
+    target_encoder.load_state_dict(encoder.state_dict())
+    target_encoder.requires_grad_(False)
+    predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
+    actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
+    trained = [p for module in (encoder, predictor, actor, critic) for p in module.parameters()]
+    # fused: one kernel over all parameter tensors instead of a Python loop
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay,
+                                 decoupled_weight_decay=True, fused=True)
+    return encoder, target_encoder, predictor, actor, critic, optimizer
 
 
 @torch.no_grad()
@@ -427,8 +465,9 @@ def variance_loss(s_x):
 
 
 def effective_rank(s):
-    """exp(entropy) of the normalized singular values of a batch of embeddings (B, D)."""
-    singular = torch.linalg.svdvals(s.double())
+    """exp(entropy) of the normalized singular values of a batch of embeddings (B, D), centred first: 1 when
+    the batch varies along one direction (or not at all), D when evenly in all; a shared offset is no direction."""
+    singular = torch.linalg.svdvals((s - s.mean(0)).double())
     p = singular / singular.sum().clamp(min=1e-12)
     return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
 
@@ -572,6 +611,115 @@ def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) ->
             "var_loss": var_loss, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Rollout, batch and update: the three steps of one training iteration
+# ---------------------------------------------------------------------------------------------------
+def make_rollout_storage(args: Args, device) -> dict:
+    """Row t of each buffer belongs to the stack the agent saw at step t; `stacks` has one row more: the stack
+    after the last step. So row t + 1 of `stacks` holds frames (t-1, t, t+1), the y-encoder's input for row t."""
+    T, N, H, W, D = args.num_steps, args.num_envs, args.frame_height, args.frame_width, args.embed_dim
+    zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)
+    return {
+        "stacks": zeros(T + 1, N, 3, H, W, dtype=torch.uint8),
+        "states": zeros(T, N, 4),  # true state of each stack's last frame: for the probes only, never for training
+        "valid": zeros(T, N, dtype=torch.bool),  # False on the reset steps of NEXT_STEP autoreset: no transition
+        "actions": zeros(T, N, dtype=torch.long), "logprobs": zeros(T, N), "values": zeros(T, N),
+        "rewards": zeros(T, N), "terminations": zeros(T, N),
+        "dones": zeros(T, N),  # terminated or truncated by row t's action: row t + 1 is a reset step
+        "embeddings": zeros(T, N, D), "cls_outputs": zeros(T, N, D),  # s_x, and the CLS output before the final LayerNorm
+    }
+
+
+def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict, timings: dict) -> list:
+    """Play one rollout with the current policy into `rollout` (in place); return the episodes that ended.
+
+    `env_state` carries the environments' current state, stack and reset-step flags from one rollout to the
+    next. The reward, termination and done of row t are those that row t's action produced. Each ended
+    episode comes back as (row, return, length)."""
+    episodes = []
+    for step in range(rollout["actions"].shape[0]):
+        t0 = time.perf_counter()
+        stack = env_state["stack"]
+        rollout["stacks"][step], rollout["states"][step], rollout["valid"][step] = stack, env_state["state"], ~env_state["is_reset_step"]
+        with torch.no_grad():
+            cls = encoder.cls_output(stack)
+            s_x = encoder.ln_f(cls)
+            probs = Categorical(logits=actor(s_x), validate_args=False)
+            action = probs.sample()
+            rollout["values"][step] = critic(s_x).flatten()
+        rollout["embeddings"][step], rollout["cls_outputs"][step] = s_x, cls
+        rollout["actions"][step], rollout["logprobs"][step] = action, probs.log_prob(action)
+        t1 = time.perf_counter()
+        timings["inference"] += t1 - t0
+
+        state, reward, terminated, done, next_stack, info = step_envs(
+            envs, action, stack, env_state["is_reset_step"], stack.shape[2], stack.shape[3])
+        rollout["rewards"][step], rollout["terminations"][step], rollout["dones"][step] = reward, terminated, done
+        env_state.update(state=state, stack=next_stack, is_reset_step=done)
+        if "_episode" in info:
+            episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])) for i in np.flatnonzero(info["_episode"])]
+        timings["env"] += time.perf_counter() - t1
+    rollout["stacks"][-1] = env_state["stack"]
+    return episodes
+
+
+def make_batch(args: Args, rollout: dict, encoder, target_encoder, critic) -> dict:
+    """One rollout -> the flat batch of its real transitions with advantages, returns and JEPA targets.
+
+    The value of the stack after the last row bootstraps the return. The JEPA target of row t is the
+    y-encoder's embedding of row t + 1's stack, frames (t-1, t, t+1); with --fresh-targets `update` embeds it
+    per minibatch instead. The reset rows of NEXT_STEP autoreset are no transitions and are dropped."""
+    stacks, values = rollout["stacks"], rollout["values"]  # (T + 1, N, 3, H, W), (T, N)
+    with torch.no_grad():
+        next_value = critic(encoder(stacks[-1])).flatten()
+        advantages = compute_advantages(rollout["rewards"], values, next_value, rollout["terminations"], rollout["dones"],
+                                        args.gamma, args.gae_lambda)
+        batch = {"stacks": stacks[:-1], "next_stacks": stacks[1:], "actions": rollout["actions"], "logprobs": rollout["logprobs"],
+                 "advantages": advantages, "returns": advantages + values, "values": values}
+        batch = {k: v.flatten(0, 1) for k, v in batch.items()}
+        if not args.fresh_targets:
+            batch["targets"] = target_encoder(batch.pop("next_stacks"))  # (T * N, D), once for the whole rollout
+    keep = rollout["valid"].flatten()
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def clip_grad_norms(modules: dict, max_norm: float) -> dict:
+    """Clip each module's gradient by its own norm, so that no loss rescales the step of a module it does not
+    reach (the diagnostic predictor of --no-jepa, the critic under --no-rl-grad); return the norms before."""
+    return {name: nn.utils.clip_grad_norm_(module.parameters(), max_norm) for name, module in modules.items()}
+
+
+def update(args: Args, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
+    """PPO's update epochs over one batch, the JEPA (and variance) loss in every minibatch, the y-encoder's EMA.
+
+    Returns the last minibatch's losses, the mean clip fraction and the last step's gradient norms."""
+    modules = {"encoder": encoder, "predictor": predictor, "actor": actor, "critic": critic}
+    num_valid, clipfracs = len(batch["actions"]), []
+    for epoch in range(args.update_epochs):
+        for mb_inds in torch.randperm(num_valid, device=batch["actions"].device).tensor_split(args.num_minibatches):
+            mb = {k: v[mb_inds] for k, v in batch.items()}
+            if args.fresh_targets:
+                with torch.no_grad():
+                    mb["targets"] = target_encoder(mb.pop("next_stacks"))
+            losses = minibatch_losses(args, encoder, predictor, actor, critic, mb)
+            clipfracs.append(losses["clipfrac"].item())
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"non-finite loss ({losses['loss'].item()})")
+
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            grad_norms = clip_grad_norms(modules, args.max_grad_norm)
+            optimizer.step()
+            if not args.ema_per_iteration:
+                ema_update(target_encoder, encoder, args.ema_tau)
+
+        if args.target_kl is not None and losses["approx_kl"] > args.target_kl:
+            break
+    if args.ema_per_iteration:
+        ema_update(target_encoder, encoder, args.ema_tau)
+    return {**losses, "clipfrac": float(np.mean(clipfracs)), **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+
+
 def configuration_name(args: Args) -> str:
     return f"{'jepa' if args.jepa else 'nojepa'}-{'rlgrad' if args.rl_grad else 'norlgrad'}-{'var' if args.var_reg else 'novar'}"
 
@@ -618,28 +766,8 @@ if __name__ == "__main__":
     envs = make_envs(args.num_envs)
     H, W = args.frame_height, args.frame_width
 
-    # agent setup: the y-encoder starts as an exact copy of the x-encoder and is never optimized
-    encoder = ViTEncoder(args).to(device)
-    target_encoder = ViTEncoder(args).to(device)
-    target_encoder.load_state_dict(encoder.state_dict())
-    target_encoder.requires_grad_(False)
-    predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
-    actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
-    trained = nn.ModuleList([encoder, predictor, actor, critic])
-    # fused: one kernel over all parameter tensors instead of a Python loop
-    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-
-    # rollout storage; row t + 1 of `stacks` holds frames (t-1, t, t+1): the y-encoder's input for row t
-    stacks = torch.zeros((args.num_steps + 1, args.num_envs, 3, H, W), dtype=torch.uint8, device=device)
-    embeddings = torch.zeros((args.num_steps, args.num_envs, args.embed_dim), device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
-    dones = torch.zeros((args.num_steps, args.num_envs), device=device)  # terminated or truncated
-    values = torch.zeros((args.num_steps, args.num_envs), device=device)
-    valid = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    states = torch.zeros((args.num_steps, args.num_envs, 4), device=device)  # true state of each stack's last frame
+    encoder, target_encoder, predictor, actor, critic, optimizer = make_agent(args, device)
+    rollout = make_rollout_storage(args, device)
 
     # Linear probes ask what the embedding holds about the true state: on a fixed set of stacks spread over
     # the state space, and on the states the policy has visited lately (its recent rollouts, re-embedded)
@@ -650,11 +778,11 @@ if __name__ == "__main__":
     timings = {"env": 0.0, "inference": 0.0, "update": 0.0, "probe": 0.0}
     recent_returns = deque(maxlen=20)
     first_state, _ = envs.reset(seed=args.seed)
-    next_state = torch.as_tensor(first_state, device=device)
-    next_stack = initial_stack(next_state, H, W)
+    first_state = torch.as_tensor(first_state, device=device)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
-    next_is_reset_step = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
-    writer.add_image("observations/frame_stacks", next_stack[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
+    env_state = {"state": first_state, "stack": initial_stack(first_state, H, W),
+                 "is_reset_step": torch.zeros(args.num_envs, dtype=torch.bool, device=device)}
+    writer.add_image("observations/frame_stacks", env_state["stack"][:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
 
     try:
         for iteration in range(1, args.num_iterations + 1):
@@ -662,81 +790,40 @@ if __name__ == "__main__":
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            for step in range(args.num_steps):
-                t0 = time.perf_counter()
-                global_step += args.num_envs
-                stacks[step], states[step], valid[step] = next_stack, next_state, ~next_is_reset_step
-                with torch.no_grad():
-                    s_x = encoder(next_stack)
-                    logits, value = actor(s_x), critic(s_x).flatten()
-                    probs = Categorical(logits=logits, validate_args=False)
-                    action = probs.sample()
-                embeddings[step], actions[step], logprobs[step], values[step] = s_x, action, probs.log_prob(action), value
-                t1 = time.perf_counter()
-                timings["inference"] += t1 - t0
-
-                next_state, reward, terminated, next_is_reset_step, next_stack, info = step_envs(
-                    envs, action, next_stack, next_is_reset_step, H, W)
-                rewards[step], terminations[step], dones[step] = reward, terminated, next_is_reset_step
-                if "_episode" in info:
-                    for i in np.flatnonzero(info["_episode"]):
-                        episodic_return = float(info["episode"]["r"][i])
-                        recent_returns.append(episodic_return)
-                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                        writer.add_scalar("charts/episodic_length", int(info["episode"]["l"][i]), global_step)
-                timings["env"] += time.perf_counter() - t1
-            stacks[args.num_steps] = next_stack
+            episodes = collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
+            for row, episodic_return, episodic_length in episodes:
+                recent_returns.append(episodic_return)
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step + (row + 1) * args.num_envs)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step + (row + 1) * args.num_envs)
+            global_step += args.batch_size
             # every fourth step is enough for the probe: neighbouring steps are nearly the same sample
-            onpolicy_pool.append((stacks[:-1:4].clone(), states[::4].clone(), valid[::4].clone()))
+            onpolicy_pool.append((rollout["stacks"][:-1:4].clone(), rollout["states"][::4].clone(), rollout["valid"][::4].clone()))
 
             t0 = time.perf_counter()
-            with torch.no_grad():
-                next_value = critic(encoder(next_stack)).flatten()
-                advantages = compute_advantages(rewards, values, next_value, terminations, dones, args.gamma, args.gae_lambda)
-                returns = advantages + values
-                # JEPA targets, once per batch: s_y of row t is the y-encoder on frames (t-1, t, t+1)
-                targets = target_encoder(stacks[1:].flatten(0, 1))  # (num_steps * num_envs, D)
-
-            # flatten the batch and keep the real transitions only
-            keep = valid.flatten()
-            batch = {"stacks": stacks[:-1].flatten(0, 1), "actions": actions.flatten(), "logprobs": logprobs.flatten(),
-                     "advantages": advantages.flatten(), "returns": returns.flatten(), "values": values.flatten(), "targets": targets}
-            batch = {k: v[keep] for k, v in batch.items()}
-            num_valid = int(keep.sum())
-
-            clipfracs = []
-            for epoch in range(args.update_epochs):
-                for mb_inds in torch.randperm(num_valid, device=device).tensor_split(args.num_minibatches):
-                    losses = minibatch_losses(args, encoder, predictor, actor, critic, {k: v[mb_inds] for k, v in batch.items()})
-                    loss, approx_kl = losses["loss"], losses["approx_kl"]
-                    clipfracs.append(losses["clipfrac"].item())
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss ({loss.item()}) at global step {global_step}")
-
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    ema_update(target_encoder, encoder, args.ema_tau)
-
-                if args.target_kl is not None and approx_kl > args.target_kl:
-                    break
+            batch = make_batch(args, rollout, encoder, target_encoder, critic)
+            losses = update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
             timings["update"] += time.perf_counter() - t0
 
             # collapse diagnostics on the rollout's own embeddings (no extra forward pass)
-            b_embeddings = embeddings[valid]  # (num_valid, D)
+            valid = rollout["valid"]
+            b_embeddings = rollout["embeddings"][valid]  # (num_valid, D)
             variance = embedding_variance(b_embeddings).item()
             y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss"]:
-                writer.add_scalar(f"losses/{name}", losses[name].item(), global_step)
-            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss", "clipfrac"]:
+                writer.add_scalar(f"losses/{name}", float(losses[name]), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            for name in ["encoder", "predictor", "actor", "critic"]:
+                writer.add_scalar(f"grad_norm/{name}", losses[f"grad_norm_{name}"].item(), global_step)
             writer.add_scalar("embedding/variance", variance, global_step)
-            writer.add_scalar("embedding/target_variance", embedding_variance(batch["targets"]).item(), global_step)
+            writer.add_scalar("embedding/variance_pre_ln", embedding_variance(rollout["cls_outputs"][valid]).item(), global_step)
+            if args.final_ln:
+                writer.add_scalar("embedding/ln_gain_norm", encoder.ln_f.weight.norm().item(), global_step)
+            if "targets" in batch:
+                writer.add_scalar("embedding/target_variance", embedding_variance(batch["targets"]).item(), global_step)
             writer.add_scalar("embedding/collapsed", float(variance < 1e-7), global_step)
             writer.add_scalar("embedding/effective_rank", effective_rank(b_embeddings), global_step)
             if (iteration - 1) % args.probe_every == 0 or iteration == args.num_iterations:
@@ -764,7 +851,7 @@ if __name__ == "__main__":
         print(f"interrupted at global step {global_step}; logs flushed to {run_dir}")
     except FloatingPointError as e:
         writer.close()
-        sys.exit(f"error: {e}; logs flushed to {run_dir}")
+        sys.exit(f"error: {e} at global step {global_step}; logs flushed to {run_dir}")
     finally:
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")

@@ -20,7 +20,9 @@ TAGS = [
     "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
     "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
     "losses/explained_variance", "losses/jepa_loss", "losses/var_loss",
-    "embedding/variance", "embedding/target_variance", "embedding/collapsed", "embedding/effective_rank",
+    "embedding/variance", "embedding/variance_pre_ln", "embedding/ln_gain_norm", "embedding/target_variance",
+    "embedding/collapsed", "embedding/effective_rank",
+    "grad_norm/encoder", "grad_norm/predictor", "grad_norm/actor", "grad_norm/critic",
     "probe/r2_cart_position", "probe/r2_cart_velocity", "probe/r2_pole_angle", "probe/r2_pole_velocity",
     "probe/onpolicy_r2_cart_position", "probe/onpolicy_r2_cart_velocity", "probe/onpolicy_r2_pole_angle",
     "probe/onpolicy_r2_pole_velocity",
@@ -31,12 +33,20 @@ CONFIGS = {
     "3": ["--jepa", "--no-rl-grad", "--no-var-reg"],
     "4": ["--jepa", "--no-rl-grad", "--var-reg"],
 }
-SHORT = ["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "32"]
+SHORT = ["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "32", "--no-cuda"]
 
 
 def run_script(args, cwd, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_once(args, cwd):
+    """Run the script to the end in `cwd` and return the scalars of its one run directory."""
+    result = run_script(args, cwd)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(os.path.join(str(cwd), "runs", "*"))
+    return scalars(run_dir)
 
 
 def scalars(run_dir):
@@ -272,11 +282,24 @@ def test_rl_grad_reaches_encoder():
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in encoder_grads)
 
 
-def test_jepa_and_variance_losses_train_encoder_without_rl_grad():
+@pytest.mark.parametrize("loss_name", ["jepa_loss", "var_loss"])
+def test_jepa_and_variance_losses_each_train_encoder_without_rl_grad(loss_name):
     args, encoder, predictor, actor, critic = make_models(rl_grad=False, var_reg=True)
-    mb = fake_minibatch(args)
-    jp.minibatch_losses(args, encoder, predictor, actor, critic, mb)["loss"].backward()
+    jp.minibatch_losses(args, encoder, predictor, actor, critic, fake_minibatch(args))[loss_name].backward()
     assert encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flags, weights", [
+    (dict(jepa=True, var_reg=False), {"jepa_loss": 1.0, "var_loss": 0.0}),
+    (dict(jepa=True, var_reg=True, var_coef=0.5), {"jepa_loss": 1.0, "var_loss": 0.5}),
+    (dict(jepa=False, var_reg=False, jepa_coef=0.3), {"jepa_loss": 0.3, "var_loss": 0.0}),
+])
+def test_total_loss_adds_exactly_the_configured_terms(flags, weights):
+    args, encoder, predictor, actor, critic = make_models(rl_grad=True, **flags)
+    losses = jp.minibatch_losses(args, encoder, predictor, actor, critic, fake_minibatch(args))
+    ppo = losses["policy_loss"] - args.ent_coef * losses["entropy"] + args.vf_coef * losses["value_loss"]
+    expected = ppo + sum(w * losses[name] for name, w in weights.items())
+    torch.testing.assert_close(losses["loss"], expected)
 
 
 def test_no_jepa_keeps_jepa_gradient_off_encoder():
@@ -356,9 +379,194 @@ def test_onpolicy_probe_fits_on_half_the_environments_and_scores_on_the_rest(mon
     assert torch.equal(seen["s_fit"][:, 0], seen["y_fit"][:, 0]) and torch.equal(seen["s_test"][:, 0], seen["y_test"][:, 0])
 
 
-def test_effective_rank():
-    assert jp.effective_rank(torch.eye(8)) == pytest.approx(8.0)
-    assert jp.effective_rank(torch.ones(16, 8)) == pytest.approx(1.0)
+def test_effective_rank_is_centred():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 8, generator=g)  # even spread in 8 directions
+    assert jp.effective_rank(spread) > 7.5
+    assert jp.effective_rank(spread + 100.0) > 7.5  # a large shared offset is no direction
+    assert jp.effective_rank(torch.ones(16, 8)) == pytest.approx(1.0)  # no spread at all
+    assert jp.effective_rank(torch.randn(64, 1, generator=g) * torch.ones(1, 8) + 5.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_collapse_indicator_fires_on_a_collapsed_batch_only():
+    g = torch.Generator().manual_seed(0)
+    point = torch.randn(1, 64, generator=g).expand(128, 64)
+    assert jp.embedding_variance(point + 1e-5 * torch.randn(128, 64, generator=g)) < 1e-7
+    assert jp.embedding_variance(point + 1e-2 * torch.randn(128, 64, generator=g)) > 1e-7
+
+
+# ------------------------------------------------------------- one iteration: rollout, batch, update
+def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_caused_them():
+    args = small_args(num_envs=2, num_steps=48)
+    torch.manual_seed(0)
+    encoder, _, _, actor, critic, _ = jp.make_agent(args, "cpu")
+    envs = jp.make_envs(args.num_envs)
+    state, _ = envs.reset(seed=1)
+    state = torch.as_tensor(state)
+    env_state = {"state": state, "stack": jp.initial_stack(state, 32, 96), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
+    rollout, timings = jp.make_rollout_storage(args, "cpu"), {"env": 0.0, "inference": 0.0}
+    episodes = jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
+    envs.close()
+    valid, dones, rewards = rollout["valid"], rollout["dones"].bool(), rollout["rewards"]
+    assert dones.sum() >= 2 and len(episodes) == int(dones.sum())  # random CartPole episodes last about 22 steps
+    # the row after a done is the reset step: no transition, reward 0; every real transition earns 1
+    assert torch.equal(valid[1:], ~dones[:-1]) and valid[0].all()
+    assert torch.equal(rewards, valid.float()) and (rollout["terminations"].bool() <= dones).all()
+    # each ended episode's return is the sum of its rows' rewards, ending at its done row
+    expected = []
+    for n in range(2):
+        start = 0
+        for row in torch.nonzero(dones[:, n])[:, 0].tolist():
+            expected.append((row, float(rewards[start:row + 1, n].sum())))
+            start = row + 1
+    assert sorted(expected) == sorted((row, episodic_return) for row, episodic_return, _ in episodes)
+    assert all(length == episodic_return for _, episodic_return, length in episodes)
+    # row t + 1's stack continues row t's within an episode, and its last frame shows row t + 1's state
+    same_episode = valid[1:] & valid[:-1]
+    stacks = rollout["stacks"]
+    assert torch.equal(stacks[1:-1, :, :2][same_episode], stacks[:-2, :, 1:][same_episode])
+    assert torch.equal(stacks[:-1, :, 2].flatten(0, 1), jp.render_cartpole(rollout["states"].flatten(0, 1), 32, 96))
+    assert torch.equal(stacks[-1], env_state["stack"])
+    # what the rollout stored is what the policy computed on the stored stack
+    with torch.no_grad():
+        s_x = encoder(stacks[:-1].flatten(0, 1))
+        logits = actor(s_x)
+    torch.testing.assert_close(rollout["embeddings"].flatten(0, 1), s_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout["cls_outputs"].flatten(0, 1), encoder.cls_output(stacks[:-1].flatten(0, 1)).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout["values"].flatten(), critic(s_x).flatten().detach(), rtol=1e-5, atol=1e-5)
+    logprobs = torch.log_softmax(logits, -1).gather(1, rollout["actions"].flatten()[:, None])[:, 0]
+    torch.testing.assert_close(rollout["logprobs"].flatten(), logprobs, rtol=1e-5, atol=1e-5)
+
+
+def labelled_rollout(T=4, N=2):
+    """A rollout whose every stack carries an id, 10 t + n + 1, in all its pixels; row 1 of env 0 is a reset row."""
+    args = small_args(num_envs=N, num_steps=T, gamma=0.5, gae_lambda=1.0)
+    rollout = jp.make_rollout_storage(args, "cpu")
+    for t in range(T + 1):
+        for n in range(N):
+            rollout["stacks"][t, n] = 10 * t + n + 1
+    rollout["valid"][:] = True
+    rollout["valid"][1, 0] = False
+    rollout["actions"] = torch.arange(T * N).view(T, N) % 2
+    return args, rollout
+
+
+def read_id(stacks):
+    return stacks[:, 2, 0, :1].float()  # (B, 1): a stub encoder that embeds a stack as its id
+
+
+def test_make_batch_targets_are_the_next_row_and_reset_rows_are_dropped():
+    args, rollout = labelled_rollout()
+    batch = jp.make_batch(args, rollout, read_id, lambda stacks: read_id(stacks) + 1000, lambda s: s)
+    ids = read_id(batch["stacks"])[:, 0]
+    assert 11 not in ids.tolist() and len(ids) == 4 * 2 - 1  # row 1 of env 0 is gone
+    torch.testing.assert_close(batch["targets"][:, 0], ids + 10 + 1000)  # the y-encoder on row t + 1's stack
+    assert torch.equal(batch["actions"], (torch.arange(8) % 2)[rollout["valid"].flatten()])
+
+
+def test_make_batch_bootstraps_from_the_stack_after_the_last_row_and_stops_at_dones():
+    args, rollout = labelled_rollout()  # rewards, values and terminations 0: only the bootstrap is left
+    rollout["dones"][1, 1] = 1.0
+    batch = jp.make_batch(args, rollout, read_id, read_id, lambda s: s)
+    advantage = {int(i): float(a) for i, a in zip(read_id(batch["stacks"])[:, 0], batch["advantages"])}
+    next_value = [41.0, 42.0]  # ids of the stack after row T - 1 = 3
+    assert advantage[31] == pytest.approx(0.5 * next_value[0]) and advantage[1] == pytest.approx(0.5 ** 4 * next_value[0])
+    assert advantage[32] == pytest.approx(0.5 * next_value[1]) and advantage[22] == pytest.approx(0.25 * next_value[1])
+    assert advantage[12] == 0.0 and advantage[2] == 0.0  # the done at row 1 of env 1 cuts the return
+    torch.testing.assert_close(batch["returns"], batch["advantages"] + batch["values"])
+
+
+def test_make_batch_with_fresh_targets_keeps_the_next_stacks_instead():
+    args, rollout = labelled_rollout()
+    args.fresh_targets = True
+    batch = jp.make_batch(args, rollout, read_id, read_id, lambda s: s)
+    assert "targets" not in batch
+    assert torch.equal(read_id(batch["next_stacks"]), read_id(batch["stacks"]) + 10)
+
+
+def make_agent_and_batch(n=64, seed=0, **overrides):
+    args = small_args(**overrides)
+    torch.manual_seed(0)
+    agent = jp.make_agent(args, "cpu")
+    batch = fake_minibatch(args, n=n, seed=seed)
+    batch["next_stacks"] = batch["stacks"].roll(1, 0)
+    if args.fresh_targets:
+        del batch["targets"]
+    return args, agent, batch
+
+
+def run_update(args, agent, batch, seed=0):
+    torch.manual_seed(seed)  # the minibatch order
+    return jp.update(args, *agent[:5], agent[5], batch)
+
+
+@pytest.mark.parametrize("config", ["1", "3", "4"])
+def test_a_loss_never_changes_the_step_of_a_module_it_does_not_reach(config):
+    """Configuration 1: the diagnostic predictor's loss (scaled 1000-fold) leaves encoder, actor and critic bit
+    for bit as they were. Configurations 3 and 4: the critic's loss (scaled) leaves the encoder's step alone."""
+    flags = dict(zip(["jepa", "rl_grad", "var_reg"], [a == "--jepa" or a == "--rl-grad" or a == "--var-reg" for a in CONFIGS[config]]))
+    results = []
+    for scale in [1.0, 1000.0]:
+        args, agent, batch = make_agent_and_batch(**flags)
+        if config == "1":
+            batch["targets"] = batch["targets"] * scale
+        else:
+            batch["returns"] = batch["returns"] * scale
+        run_update(args, agent, batch)
+        results.append({name: [p.detach().clone() for p in module.parameters()] for name, module in zip(
+            ["encoder", "target_encoder", "predictor", "actor", "critic"], agent[:5])})
+    untouched = ["encoder", "actor", "critic"] if config == "1" else ["encoder", "target_encoder", "predictor"]
+    changed = "predictor" if config == "1" else "critic"
+    for name in untouched:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][name], results[1][name])), name
+    assert not all(torch.equal(a, b) for a, b in zip(results[0][changed], results[1][changed]))
+
+
+def test_update_clips_each_module_apart_and_reports_its_norm():
+    args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1, max_grad_norm=1e-3)
+    out = run_update(args, agent, batch)
+    assert all(out[f"grad_norm_{name}"] > 1e-3 for name in ["encoder", "predictor", "actor", "critic"])
+
+
+def test_update_moves_the_y_encoder_by_the_ema_after_every_optimizer_step():
+    args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1)
+    encoder, target_encoder = agent[0], agent[1]
+    before = [p.clone() for p in target_encoder.parameters()]
+    run_update(args, agent, batch)
+    for new, old, online in zip(target_encoder.parameters(), before, encoder.parameters()):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * online, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(before, target_encoder.parameters()))
+
+
+@pytest.mark.parametrize("per_iteration", [False, True])
+def test_ema_per_iteration_moves_the_y_encoder_once(per_iteration):
+    args, agent, batch = make_agent_and_batch(update_epochs=2, num_minibatches=2, ema_per_iteration=per_iteration)
+    encoder, target_encoder = agent[0], agent[1]
+    before = [p.clone() for p in target_encoder.parameters()]
+    run_update(args, agent, batch)
+    once = [0.99 * old + 0.01 * online for old, online in zip(before, encoder.parameters())]
+    close = all(torch.allclose(new, expected, rtol=1e-5, atol=1e-6) for new, expected in zip(target_encoder.parameters(), once))
+    assert close == per_iteration
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_targets_come_from_the_y_encoder_at_each_step(fresh):
+    args, agent, batch = make_agent_and_batch(update_epochs=2, num_minibatches=2, fresh_targets=fresh)
+    target_encoder = agent[1]
+    seen = []
+    target_encoder.register_forward_hook(lambda module, inputs, output: seen.append(module.cls_token.detach().clone()))
+    run_update(args, agent, batch)
+    if fresh:  # one target pass per minibatch, each by a y-encoder the previous step's EMA has moved
+        assert len(seen) == 4 and all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+    else:  # the targets came with the batch
+        assert seen == []
+
+
+def test_update_stops_on_a_non_finite_loss():
+    args, agent, batch = make_agent_and_batch()
+    batch["returns"][0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        run_update(args, agent, batch)
 
 
 # -------------------------------------------------------------------------------------------- flags

@@ -5,6 +5,7 @@
 #   PYTHON=.venv/bin/python bash scripts/reproduce.sh --jobs 2
 #   bash scripts/reproduce.sh --jobs 8 --seeds "1 2 3 4 5 6 7 8 9 10" --logdir runs/more
 #   bash scripts/reproduce.sh --flags "--tubelets" --logdir runs/reproduce_tubelets   # same flags added to every run
+#   bash scripts/reproduce.sh --configs "2 3" --seeds "6 7 8" --flags "--total-timesteps 50000"   # a subset
 #   python scripts/plot.py runs/reproduce --out docs
 #
 # Runs share nothing, so the sweep splits over machines in any way: give each machine its own --seeds,
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 jobs=2
 seeds="1 2 3 4 5"
+configs="1 2 3 4"
 logdir=runs/reproduce
 dry_run=0
 flags=""
@@ -21,10 +23,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --jobs) jobs="$2"; shift 2 ;;
     --seeds) seeds="$2"; shift 2 ;;
+    --configs) configs="$2"; shift 2 ;;
     --logdir) logdir="$2"; shift 2 ;;
     --flags) flags="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"1 2 ...\", --logdir DIR, --flags \"...\", --dry-run)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"1 2 ...\", --configs \"1 2 3 4\", --logdir DIR, --flags \"...\", --dry-run)" >&2; exit 2 ;;
   esac
 done
 case "$jobs" in ''|*[!0-9]*|0) echo "error: --jobs must be a positive integer, got '$jobs'" >&2; exit 2 ;; esac
@@ -39,9 +42,10 @@ configurations=(
 
 commands=()
 for seed in $seeds; do
-  for k in 0 1 2 3; do
-    commands+=("OMP_NUM_THREADS=1 $python jepa_ppo_cartpole.py ${configurations[$k]} $flags --seed $seed --no-cuda \
---exp-name reproduce --runs-dir $logdir > $logdir/config$((k + 1))_seed$seed.log 2>&1")
+  for c in $configs; do
+    case "$c" in 1|2|3|4) ;; *) echo "error: --configs takes numbers from 1 to 4, got '$c'" >&2; exit 2 ;; esac
+    commands+=("OMP_NUM_THREADS=1 $python jepa_ppo_cartpole.py ${configurations[$((c - 1))]} $flags --seed $seed --no-cuda \
+--exp-name reproduce --runs-dir $logdir > $logdir/config${c}_seed$seed.log 2>&1")
   done
 done
 
