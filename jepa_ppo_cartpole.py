@@ -532,16 +532,25 @@ def onpolicy_probe_r2(encoder, pool) -> list:
 # ---------------------------------------------------------------------------------------------------
 # Evaluation of a saved checkpoint
 # ---------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, args: Args, encoder, target_encoder, predictor, actor, critic):
+    modules = {"encoder": encoder, "target_encoder": target_encoder, "predictor": predictor, "actor": actor, "critic": critic}
+    torch.save({"args": asdict(args), **{name: module.state_dict() for name, module in modules.items()}}, path)
+
+
+def load_policy(checkpoint_path: str, device) -> tuple:
+    """(Args, x-encoder, actor) of a checkpoint written by `save_checkpoint`."""
+    checkpoint = torch.load(checkpoint_path, map_location=device)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    encoder, actor = ViTEncoder(saved).to(device), make_heads(saved.embed_dim)[0].to(device)
+    encoder.load_state_dict(checkpoint["encoder"])
+    actor.load_state_dict(checkpoint["actor"])
+    return saved, encoder, actor
+
+
 @torch.no_grad()
 def evaluate(checkpoint_path: str, episodes: int, seed: int, device: torch.device) -> float:
     """Play `episodes` greedy episodes (one per environment) and return their mean return."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
-    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
-    encoder = ViTEncoder(saved).to(device)
-    actor, _ = make_heads(saved.embed_dim)
-    encoder.load_state_dict(checkpoint["encoder"])
-    actor.load_state_dict(checkpoint["actor"])
-    actor.to(device)
+    saved, encoder, actor = load_policy(checkpoint_path, device)
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
     stack = initial_stack(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
@@ -855,8 +864,7 @@ if __name__ == "__main__":
     finally:
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")
-            torch.save({"args": asdict(args), "encoder": encoder.state_dict(), "target_encoder": target_encoder.state_dict(),
-                        "predictor": predictor.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict()}, model_path)
+            save_checkpoint(model_path, args, encoder, target_encoder, predictor, actor, critic)
             print(f"model saved to {model_path}")
         envs.close()
         writer.close()

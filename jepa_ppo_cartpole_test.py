@@ -290,16 +290,19 @@ def test_jepa_and_variance_losses_each_train_encoder_without_rl_grad(loss_name):
 
 
 @pytest.mark.parametrize("flags, weights", [
-    (dict(jepa=True, var_reg=False), {"jepa_loss": 1.0, "var_loss": 0.0}),
-    (dict(jepa=True, var_reg=True, var_coef=0.5), {"jepa_loss": 1.0, "var_loss": 0.5}),
-    (dict(jepa=False, var_reg=False, jepa_coef=0.3), {"jepa_loss": 0.3, "var_loss": 0.0}),
+    (dict(jepa=True, rl_grad=True, var_reg=False), {"jepa_loss": 1.0, "ppo": 1.0}),
+    (dict(jepa=True, rl_grad=False, var_reg=False), {"jepa_loss": 1.0}),
+    (dict(jepa=True, rl_grad=False, var_reg=True, var_coef=0.5), {"jepa_loss": 1.0, "var_loss": 0.5}),
+    (dict(jepa=False, rl_grad=True, var_reg=False, jepa_coef=0.3), {"ppo": 1.0}),
 ])
-def test_total_loss_adds_exactly_the_configured_terms(flags, weights):
-    args, encoder, predictor, actor, critic = make_models(rl_grad=True, **flags)
+def test_encoder_gradient_comes_from_exactly_the_configured_losses(flags, weights):
+    args, encoder, predictor, actor, critic = make_models(**flags)
     losses = jp.minibatch_losses(args, encoder, predictor, actor, critic, fake_minibatch(args))
-    ppo = losses["policy_loss"] - args.ent_coef * losses["entropy"] + args.vf_coef * losses["value_loss"]
-    expected = ppo + sum(w * losses[name] for name, w in weights.items())
-    torch.testing.assert_close(losses["loss"], expected)
+    losses["ppo"] = losses["policy_loss"] - args.ent_coef * losses["entropy"] + args.vf_coef * losses["value_loss"]
+    expected = sum(w * losses[name] for name, w in weights.items())
+    grad = lambda loss: torch.autograd.grad(loss, list(encoder.parameters()), retain_graph=True, allow_unused=True)
+    for got, want in zip(grad(losses["loss"]), grad(expected)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_no_jepa_keeps_jepa_gradient_off_encoder():
@@ -581,6 +584,7 @@ def test_update_stops_on_a_non_finite_loss():
     (["--num-heads", "3"], "--num-heads"),
     (["--no-jepa", "--no-rl-grad"], "--no-rl-grad"),
     (["--learning-rate", "0"], "--learning-rate"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--probe-every", "0"], "--probe-every"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
@@ -629,10 +633,26 @@ def test_each_configuration_logs_every_tag(config, tmp_path):
     missing = [tag for tag in TAGS if tag not in logged]
     assert not missing
     assert all(np.isfinite(v) for tag in TAGS if not tag.startswith("losses/explained") for _, v in logged[tag])
+    # the collapse flag is the paper's threshold on the logged variance; the learning rate anneals linearly to 0
+    assert [c for _, c in logged["embedding/collapsed"]] == [float(v < 1e-7) for _, v in logged["embedding/variance"]]
+    assert [lr for _, lr in logged["charts/learning_rate"]] == pytest.approx([1e-3, 5e-4])
     acc = EventAccumulator(run_dir)
     acc.Reload()
     assert acc.Tags()["images"]  # what the agent sees
     assert acc.Tags()["tensors"]  # the hyperparameter table (text)
+
+
+def test_configuration_1_learns_the_same_whatever_its_diagnostic_predictor_does(tmp_path):
+    """The predictor of --no-jepa trains on detached embeddings: scaling its loss 1000-fold changes its own
+    loss curve and nothing of the agent's, to the bit."""
+    config_1 = [*CONFIGS["1"], *SHORT, "--total-timesteps", "768", "--seed", "3"]
+    runs = []
+    for coef in ["1", "1000"]:
+        (tmp_path / coef).mkdir()
+        runs.append(run_once([*config_1, "--jepa-coef", coef], tmp_path / coef))
+    for tag in ["charts/episodic_return", "losses/policy_loss", "losses/value_loss", "embedding/variance", "grad_norm/encoder"]:
+        assert runs[0][tag] == runs[1][tag], tag
+    assert runs[0]["grad_norm/predictor"] != runs[1]["grad_norm/predictor"]
 
 
 def test_same_seed_same_losses_on_cpu(tmp_path):
@@ -655,8 +675,10 @@ def test_nan_loss_stops_with_step_and_keeps_logs(tmp_path):
 
 def test_ctrl_c_flushes_logs_and_saves_model(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--total-timesteps", "100000", "--save-model"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a suite started from a background shell inherits SIGINT as ignored: give the child the default handler
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--total-timesteps", "100000", "--save-model", "--no-cuda"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = 0
     for line in proc.stdout:  # wait for two logged iterations
         lines += line.startswith("step")
@@ -668,6 +690,23 @@ def test_ctrl_c_flushes_logs_and_saves_model(tmp_path):
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert len(scalars(run_dir)["losses/jepa_loss"]) >= 2
     assert os.path.isfile(os.path.join(run_dir, "model.pt"))
+
+
+@pytest.mark.parametrize("tubelets", [False, True])
+def test_checkpoint_reloads_the_policy_it_saved(tmp_path, tubelets):
+    args = small_args(tubelets=tubelets, embed_dim=32, num_heads=2)
+    torch.manual_seed(0)
+    agent = jp.make_agent(args, "cpu")
+    with torch.no_grad():
+        for p in agent[4].parameters():  # the critic: a reload must not take it for the actor
+            p.add_(1.0)
+    path = str(tmp_path / "model.pt")
+    jp.save_checkpoint(path, args, *agent[:5])
+    saved, encoder, actor = jp.load_policy(path, "cpu")
+    assert saved.tubelets == tubelets and saved.embed_dim == 32
+    stacks = fake_minibatch(args, n=8)["stacks"]
+    with torch.no_grad():
+        assert torch.equal(actor(encoder(stacks)), agent[3](agent[0](stacks)))
 
 
 def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
@@ -683,7 +722,7 @@ def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
 
 def test_default_configuration_learns(tmp_path):
     """A short default run on a fixed seed ends far above a random policy (about 22)."""
-    result = run_script(["--total-timesteps", "40000", "--seed", "1"], cwd=tmp_path, timeout=600)
+    result = run_script(["--total-timesteps", "40000", "--seed", "1", "--no-cuda"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     returns = scalars(run_dir)["charts/episodic_return"]
