@@ -94,7 +94,7 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum gradient norm, clipped for encoder, predictor, actor and critic separately"""
     target_kl: Optional[float] = None
-    """stop the update epochs early when the approximate KL exceeds this"""
+    """stop the update epochs early when the approximate KL exceeds this (the JEPA updates stop with them)"""
 
     # Observation
     frame_height: int = 32
@@ -130,8 +130,8 @@ class Args:
     """if toggled, move the y-encoder once per iteration (after its last optimizer step) instead of after every step"""
     fresh_targets: bool = False
     """if toggled, the y-encoder embeds each minibatch's targets just before its optimizer step; by default it embeds
-    the whole rollout's targets once, before the update epochs, so later minibatches see targets up to
-    update_epochs * num_minibatches EMA steps old (the y-encoder itself moves after every step either way)"""
+    the whole rollout's targets once, before the update epochs, so the last minibatch's targets come from a
+    y-encoder update_epochs * num_minibatches - 1 EMA steps older than the current one"""
 
     # Ingredients of configuration 3's collapse (README: "Configuration 3 and the collapse")
     ink: bool = True

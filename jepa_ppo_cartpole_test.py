@@ -256,6 +256,40 @@ def test_tubelets_make_one_token_per_patch_position_that_sees_all_frames():
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("ink, white", [(True, 0.0), (False, 1.0)])
+def test_encoder_reads_ink_or_raw_intensity(ink, white):
+    args, encoder, *_ = make_models(ink=ink)
+    seen = []
+    encoder.patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    encoder(torch.full((1, 3, 32, 96), 255, dtype=torch.uint8))
+    assert seen[0].dtype == torch.float32 and torch.allclose(seen[0], torch.full_like(seen[0], white), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("final_ln", [True, False])
+def test_final_layernorm_switch(final_ln):
+    args, encoder, *_ = make_models(final_ln=final_ln)
+    stacks = fake_minibatch(args, n=4)["stacks"]
+    cls, s_x = encoder.cls_output(stacks), encoder(stacks)
+    if final_ln:  # at initialisation: gain 1, bias 0, so each embedding has mean 0 and variance 1
+        torch.testing.assert_close(s_x.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(s_x.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    else:
+        assert torch.equal(s_x, cls) and not any(isinstance(m, torch.nn.LayerNorm) for m in [encoder.ln_f])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_weight_decay_is_decoupled(weight_decay):
+    args = small_args(weight_decay=weight_decay, learning_rate=0.1)
+    *modules, optimizer = jp.make_agent(args, "cpu")
+    trained = [p for m in [modules[0], *modules[2:]] for p in m.parameters()]
+    before = [p.detach().clone() for p in trained]
+    for p in trained:
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves the weights
+    optimizer.step()
+    for p, b in zip(trained, before):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.1 * weight_decay))
+
+
 def test_predictor_output_depends_on_action():
     args, encoder, predictor, _, _ = make_models()
     s_x = encoder(fake_minibatch(args, n=4)["stacks"])
@@ -470,7 +504,7 @@ def test_make_batch_targets_are_the_next_row_and_reset_rows_are_dropped():
 def test_make_batch_bootstraps_from_the_stack_after_the_last_row_and_stops_at_dones():
     args, rollout = labelled_rollout()  # rewards, values and terminations 0: only the bootstrap is left
     rollout["dones"][1, 1] = 1.0
-    batch = jp.make_batch(args, rollout, read_id, read_id, lambda s: s)
+    batch = jp.make_batch(args, rollout, read_id, lambda stacks: read_id(stacks) + 1000, lambda s: s)
     advantage = {int(i): float(a) for i, a in zip(read_id(batch["stacks"])[:, 0], batch["advantages"])}
     next_value = [41.0, 42.0]  # ids of the stack after row T - 1 = 3
     assert advantage[31] == pytest.approx(0.5 * next_value[0]) and advantage[1] == pytest.approx(0.5 ** 4 * next_value[0])
@@ -492,7 +526,7 @@ def make_agent_and_batch(n=64, seed=0, **overrides):
     torch.manual_seed(0)
     agent = jp.make_agent(args, "cpu")
     batch = fake_minibatch(args, n=n, seed=seed)
-    batch["next_stacks"] = batch["stacks"].roll(1, 0)
+    batch["next_stacks"] = 255 - batch["stacks"]  # any stacks that are not the current ones
     if args.fresh_targets:
         del batch["targets"]
     return args, agent, batch
@@ -503,64 +537,89 @@ def run_update(args, agent, batch, seed=0):
     return jp.update(args, *agent[:5], agent[5], batch)
 
 
-@pytest.mark.parametrize("config", ["1", "3", "4"])
-def test_a_loss_never_changes_the_step_of_a_module_it_does_not_reach(config):
-    """Configuration 1: the diagnostic predictor's loss (scaled 1000-fold) leaves encoder, actor and critic bit
-    for bit as they were. Configurations 3 and 4: the critic's loss (scaled) leaves the encoder's step alone."""
-    flags = dict(zip(["jepa", "rl_grad", "var_reg"], [a == "--jepa" or a == "--rl-grad" or a == "--var-reg" for a in CONFIGS[config]]))
+MODULES = ["encoder", "target_encoder", "predictor", "actor", "critic"]
+
+
+@pytest.mark.parametrize("config, scaled, untouched", [
+    ("1", "targets", ["encoder", "actor", "critic"]),  # the diagnostic predictor of --no-jepa
+    ("2", "targets", ["actor", "critic"]),  # the JEPA loss trains encoder and predictor only
+    ("2", "returns", ["actor", "predictor"]),  # the value loss trains critic and encoder only
+    ("3", "returns", ["encoder", "predictor", "actor"]),  # under --no-rl-grad the critic keeps to itself
+    ("4", "returns", ["encoder", "predictor", "actor"]),
+])
+def test_a_loss_never_changes_the_step_of_a_module_it_does_not_reach(config, scaled, untouched):
+    """One optimizer step with one loss scaled 1000-fold leaves every module that loss does not reach bit for bit
+    as it is with the loss unscaled: no shared clip factor, no shared optimizer state."""
+    flags = {name: f"--{name.replace('_', '-')}" in CONFIGS[config] for name in ["jepa", "rl_grad", "var_reg"]}
     results = []
     for scale in [1.0, 1000.0]:
-        args, agent, batch = make_agent_and_batch(**flags)
-        if config == "1":
-            batch["targets"] = batch["targets"] * scale
-        else:
-            batch["returns"] = batch["returns"] * scale
+        args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1, **flags)
+        batch[scaled] = batch[scaled] * scale
         run_update(args, agent, batch)
-        results.append({name: [p.detach().clone() for p in module.parameters()] for name, module in zip(
-            ["encoder", "target_encoder", "predictor", "actor", "critic"], agent[:5])})
-    untouched = ["encoder", "actor", "critic"] if config == "1" else ["encoder", "target_encoder", "predictor"]
-    changed = "predictor" if config == "1" else "critic"
+        results.append({name: [p.detach().clone() for p in module.parameters()] for name, module in zip(MODULES, agent[:5])})
+    same = lambda name: all(torch.equal(a, b) for a, b in zip(results[0][name], results[1][name]))
     for name in untouched:
-        assert all(torch.equal(a, b) for a, b in zip(results[0][name], results[1][name])), name
-    assert not all(torch.equal(a, b) for a, b in zip(results[0][changed], results[1][changed]))
+        assert same(name), name
+    assert not same("predictor" if scaled == "targets" else "critic")
 
 
-def test_update_clips_each_module_apart_and_reports_its_norm():
-    args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1, max_grad_norm=1e-3)
-    out = run_update(args, agent, batch)
-    assert all(out[f"grad_norm_{name}"] > 1e-3 for name in ["encoder", "predictor", "actor", "critic"])
+def test_clip_grad_norms_clips_each_module_to_its_own_norm():
+    big, small = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for p in big.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    for p in small.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    small_before = [p.grad.clone() for p in small.parameters()]
+    norms = jp.clip_grad_norms({"big": big, "small": small}, max_norm=1.0)
+    assert norms["big"].item() == pytest.approx(10.0 * math.sqrt(20)) and norms["small"].item() == pytest.approx(0.01 * math.sqrt(20))
+    assert torch.cat([p.grad.flatten() for p in big.parameters()]).norm().item() == pytest.approx(1.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(small.parameters(), small_before))
 
 
-def test_update_moves_the_y_encoder_by_the_ema_after_every_optimizer_step():
-    args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1)
-    encoder, target_encoder = agent[0], agent[1]
-    before = [p.clone() for p in target_encoder.parameters()]
-    run_update(args, agent, batch)
-    for new, old, online in zip(target_encoder.parameters(), before, encoder.parameters()):
-        torch.testing.assert_close(new, 0.99 * old + 0.01 * online, rtol=1e-5, atol=1e-6)
-    assert not all(torch.equal(a, b) for a, b in zip(before, target_encoder.parameters()))
+def test_update_clips_the_gradients_it_steps_with():
+    """With every gradient clipped to a norm of 1e-9, Adam's steps shrink to a sliver of the unclipped ones."""
+    moved = {}
+    for max_norm in [1e-9, 1e9]:
+        args, agent, batch = make_agent_and_batch(update_epochs=1, num_minibatches=1, max_grad_norm=max_norm)
+        before = [[p.detach().clone() for p in module.parameters()] for module in agent[:5]]
+        out = run_update(args, agent, batch)
+        moved[max_norm] = [sum((p - b).abs().sum().item() for p, b in zip(module.parameters(), old))
+                           for module, old in zip(agent[:5], before)]
+        assert all(out[f"grad_norm_{name}"] > 1e-3 for name in ["encoder", "predictor", "actor", "critic"])
+    for name, tiny, full in zip(MODULES, moved[1e-9], moved[1e9]):
+        if name != "target_encoder":
+            assert tiny < 0.01 * full, name
 
 
 @pytest.mark.parametrize("per_iteration", [False, True])
-def test_ema_per_iteration_moves_the_y_encoder_once(per_iteration):
+def test_update_moves_the_y_encoder_by_the_ema_after_every_step_or_once(per_iteration):
     args, agent, batch = make_agent_and_batch(update_epochs=2, num_minibatches=2, ema_per_iteration=per_iteration)
-    encoder, target_encoder = agent[0], agent[1]
-    before = [p.clone() for p in target_encoder.parameters()]
+    encoder, target_encoder, optimizer = agent[0], agent[1], agent[5]
+    online = []  # the x-encoder after each optimizer step
+    optimizer.register_step_post_hook(lambda *_: online.append([p.detach().clone() for p in encoder.parameters()]))
+    expected = [p.clone() for p in target_encoder.parameters()]
     run_update(args, agent, batch)
-    once = [0.99 * old + 0.01 * online for old, online in zip(before, encoder.parameters())]
-    close = all(torch.allclose(new, expected, rtol=1e-5, atol=1e-6) for new, expected in zip(target_encoder.parameters(), once))
-    assert close == per_iteration
+    assert len(online) == 4
+    for params in (online[-1:] if per_iteration else online):
+        expected = [0.99 * e + 0.01 * o for e, o in zip(expected, params)]
+    for new, want in zip(target_encoder.parameters(), expected):
+        torch.testing.assert_close(new, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_targets_come_from_the_y_encoder_at_each_step(fresh):
     args, agent, batch = make_agent_and_batch(update_epochs=2, num_minibatches=2, fresh_targets=fresh)
     target_encoder = agent[1]
-    seen = []
-    target_encoder.register_forward_hook(lambda module, inputs, output: seen.append(module.cls_token.detach().clone()))
+    seen, inputs = [], []
+    def record(module, args_in, output):
+        seen.append(module.cls_token.detach().clone())
+        inputs.append(args_in[0])
+    target_encoder.register_forward_hook(record)
     run_update(args, agent, batch)
     if fresh:  # one target pass per minibatch, each by a y-encoder the previous step's EMA has moved
         assert len(seen) == 4 and all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+        next_sums = set(batch["next_stacks"].flatten(1).sum(1).tolist())  # the y-encoder embeds the next stacks
+        assert all(set(x.flatten(1).sum(1).tolist()) <= next_sums for x in inputs)
     else:  # the targets came with the batch
         assert seen == []
 
@@ -655,6 +714,17 @@ def test_configuration_1_learns_the_same_whatever_its_diagnostic_predictor_does(
     assert runs[0]["grad_norm/predictor"] != runs[1]["grad_norm/predictor"]
 
 
+def test_collapse_diagnostics_in_the_loop(tmp_path):
+    """With --no-final-ln the variance before the LayerNorm is the embedding's; with it, the gain starts at norm 8."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = run_once([*CONFIGS["3"], *SHORT, "--no-final-ln"], tmp_path / "a")
+    assert plain["embedding/variance_pre_ln"] == plain["embedding/variance"] and "embedding/ln_gain_norm" not in plain
+    normed = run_once([*CONFIGS["3"], *SHORT], tmp_path / "b")
+    assert all(7.5 < g < 8.5 for _, g in normed["embedding/ln_gain_norm"])  # sqrt(64) = 8, moved a little by 32 steps
+    assert normed["embedding/variance_pre_ln"] != normed["embedding/variance"]
+
+
 def test_same_seed_same_losses_on_cpu(tmp_path):
     runs = []
     for name in ["a", "b"]:
@@ -710,10 +780,15 @@ def test_checkpoint_reloads_the_policy_it_saved(tmp_path, tubelets):
 
 
 def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
-    assert run_script([*SHORT, "--save-model"], cwd=tmp_path).returncode == 0
+    assert run_script([*SHORT, "--save-model", "--ema-tau", "0"], cwd=tmp_path).returncode == 0
     (checkpoint,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
     saved = torch.load(checkpoint)
     assert {"encoder", "predictor", "actor", "critic", "args"} <= set(saved)
+    # the loop's EMA moved the y-encoder it trained against: with tau 0 it is the x-encoder itself
+    assert all(torch.equal(saved["target_encoder"][k], v) for k, v in saved["encoder"].items())
+    torch.manual_seed(1)
+    initial = jp.ViTEncoder(jp.parse_args([])).state_dict()
+    assert not all(torch.equal(initial[k], v) for k, v in saved["encoder"].items())
     result = run_script(["--eval-checkpoint", checkpoint, "--eval-episodes", "3"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "mean return over 3 greedy episodes" in result.stdout

@@ -9,7 +9,8 @@ writes <out>/figure3.png and <out>/results.csv, and prints the table as Markdown
   steps to 400    first step at which the running mean of the last 20 episodes reaches 400
   AUC             the running mean return averaged over steps 0-100k (area under the curve / 100k)
   variance        embedding/variance averaged over the last 10 iterations (about 2.5k steps); lowest: its
-                  minimum over the run (median over seeds)
+                  minimum over the run (median over seeds); the same for embedding/variance_pre_ln, the CLS
+                  output before the final LayerNorm (logs from before that tag show nan)
   R^2             the last 2 fits (the last 5k steps) of the two linear probes: probe/onpolicy_r2_* on the
                   states the policy visits, probe/r2_* on the fixed probe set spread over the state space
 Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400).
@@ -66,6 +67,9 @@ def summarize_run(run):
         "variance": float(run["embedding/variance"][1][-10:].mean()),
         "lowest_variance": float(run["embedding/variance"][1].min()),
     }
+    pre_ln = run.get("embedding/variance_pre_ln", (np.array([0.0]), np.array([np.nan])))
+    summary["variance_pre_ln"], summary["lowest_variance_pre_ln"] = float(pre_ln[1][-10:].mean()), float(pre_ln[1].min())
+    summary["variance_pre_ln_curve"] = np.interp(GRID, *pre_ln)
     for tag in ["embedding/variance", "embedding/effective_rank", "losses/jepa_loss"]:
         summary[f"{tag.split('/')[1]}_curve"] = np.interp(GRID, *run[tag])
     for probe in PROBES:
@@ -109,6 +113,8 @@ def table_rows(sweep):
             "auc_mean": round(col("auc").mean(), 1),
             "embedding_variance": f"{np.mean(col('variance')):.2e}",
             "lowest_embedding_variance": f"{np.median(col('lowest_variance')):.1e}",
+            "variance_pre_ln": f"{np.median(col('variance_pre_ln')):.2e}",
+            "lowest_variance_pre_ln": f"{np.median(col('lowest_variance_pre_ln')):.1e}",
             **{f"{probe}r2_{name}": round(col(f"{probe}r2_{name}").mean(), 2) for probe in PROBES for name in STATE_VARIABLES},
         })
     return rows
@@ -116,13 +122,14 @@ def table_rows(sweep):
 
 def markdown(rows):
     header = ("| configuration | paper, return at 100k | final return (mean +- std) | median steps to 400 (runs) | AUC "
-              "| embedding variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
+              "| embedding variance: final, lowest | pre-LN variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         to_400 = r["median_steps_to_400"]
         to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
                      f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
+                     f"{r['variance_pre_ln']}, {r['lowest_variance_pre_ln']} | "
                      + " | ".join(f"{r[f'onpolicy_r2_{name}']} / {r[f'r2_{name}']}" for name in STATE_VARIABLES) + " |")
     return "\n".join(lines)
 
@@ -134,7 +141,7 @@ def plot(sweep, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 4, figsize=(18, 11), constrained_layout=True)
-    panels = [("return_curve", "running mean return (last 20 episodes)"), ("variance_curve", "embedding/variance"),
+    panels = [("return_curve", "running mean return (last 20 episodes)"), ("variance_curve", "embedding/variance (dashed: before the final LayerNorm)"),
               ("effective_rank_curve", "embedding/effective_rank"), ("jepa_loss_curve", "losses/jepa_loss")]
     panels += [(f"{probe}r2_curve_{name}", f"{title} R^2: {name.replace('_', ' ')}") for probe, title in PROBES.items()
                for name in STATE_VARIABLES]
@@ -146,6 +153,9 @@ def plot(sweep, path):
             center = np.exp(np.log(curves).mean(0)) if key in LOG_AXIS else curves.mean(0)
             ax.plot(GRID, center, color=color, label=label)
             ax.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.2)
+            if key == "variance_curve":  # the CLS output before the final LayerNorm, dashed
+                pre_ln = np.stack([run["variance_pre_ln_curve"] for run in sweep[configuration].values()])
+                ax.plot(GRID, np.exp(np.log(pre_ln).mean(0)), color=color, linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("environment steps")
         if key in LOG_AXIS:

@@ -1,0 +1,83 @@
+"""The configuration-3 ablation table from the logs of scripts/ablation.sh.
+
+    python scripts/ablation_table.py runs/ablation [--steps 50000] [--csv docs/ablation.csv]
+
+Reads <logdir>/<ingredient>/<run directories> and prints, per ingredient and configuration (mean over seeds
+unless said otherwise):
+  final return     mean return of the episodes that end in the last 10k steps (per seed, then mean +- std)
+  pre-LN variance  embedding/variance_pre_ln (the CLS output before the final LayerNorm): lowest over the run
+                   (median over seeds) and at the end (mean of the last 10 iterations, median over seeds)
+  variance         embedding/variance (the embedding s_x that predictor and heads see): lowest and at the end
+  collapsed        iterations with embedding/collapsed = 1 (variance < 1e-7), in all seeds together
+  rank             embedding/effective_rank (centred): lowest and at the end
+  LN gain          embedding/ln_gain_norm at the end (8 at initialisation with d = 64)
+"""
+
+import argparse
+import csv
+import glob
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot import read_run  # noqa: E402
+
+CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
+
+
+def summarize(run, steps):
+    episode_steps, returns = run["charts/episodic_return"]
+    final = returns[(episode_steps > steps - 10_000) & (episode_steps <= steps)]
+    last = lambda tag: float(run[tag][1][-10:].mean()) if tag in run else float("nan")
+    lowest = lambda tag: float(run[tag][1].min()) if tag in run else float("nan")
+    return {
+        "final_return": float(final.mean()),
+        "lowest_pre_ln": lowest("embedding/variance_pre_ln"), "final_pre_ln": last("embedding/variance_pre_ln"),
+        "lowest_variance": lowest("embedding/variance"), "final_variance": last("embedding/variance"),
+        "collapsed": int(run["embedding/collapsed"][1].sum()), "iterations": len(run["embedding/collapsed"][1]),
+        "lowest_rank": lowest("embedding/effective_rank"), "final_rank": last("embedding/effective_rank"),
+        "ln_gain": last("embedding/ln_gain_norm"),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("logdir", help="directory with one subdirectory of runs per ingredient (scripts/ablation.sh)")
+    parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
+    parser.add_argument("--csv", help="also write one row per run to this file")
+    opts = parser.parse_args()
+    rows, per_run = [], []
+    for ingredient_dir in sorted(glob.glob(os.path.join(opts.logdir, "*/"))):
+        ingredient = os.path.basename(os.path.normpath(ingredient_dir))
+        for configuration, number in CONFIGURATIONS.items():
+            runs = {}
+            for run_dir in sorted(glob.glob(os.path.join(ingredient_dir, f"*__{configuration}__s*__*"))):
+                run = read_run(run_dir)
+                if "charts/SPS" not in run or run["charts/SPS"][0][-1] < opts.steps - 1000:
+                    print(f"skipped, not finished: {run_dir}")
+                    continue
+                seed = int(os.path.basename(run_dir).split("__")[2][1:])
+                runs[seed] = summarize(run, opts.steps)
+                per_run.append({"ingredient": ingredient, "configuration": number, "seed": seed, **runs[seed]})
+            if runs:
+                rows.append((ingredient, number, runs))
+    order = ["defaults", "no-ink", "no-final-ln", "weight-decay", "fresh-targets", "ema-per-iteration"]
+    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[0], r[1]))
+    print("| change | config | seeds | final return (mean +- std; per seed) | pre-LN variance: lowest, end | variance: lowest, end "
+          "| collapsed iterations | effective rank: lowest, end | LN gain norm, end |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ingredient, number, runs in rows:
+        col = lambda key: np.array([r[key] for r in runs.values()])
+        finals = col("final_return")
+        print(f"| {ingredient} | {number} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std():.1f}; "
+              f"{' '.join(f'{f:.0f}' for f in finals)} | {np.median(col('lowest_pre_ln')):.1e}, {np.median(col('final_pre_ln')):.1e} "
+              f"| {np.median(col('lowest_variance')):.1e}, {np.median(col('final_variance')):.1e} "
+              f"| {col('collapsed').sum()}/{col('iterations').sum()} | {col('lowest_rank').mean():.1f}, {col('final_rank').mean():.1f} "
+              f"| {np.nanmean(col('ln_gain')):.2f} |")
+    if opts.csv and per_run:
+        with open(opts.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(per_run[0]))
+            writer.writeheader()
+            writer.writerows(per_run)
