@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.distributions.categorical import Categorical
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -52,7 +53,10 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, do not train: load this `model.pt`, play --eval-episodes greedy episodes, print their mean return"""
     eval_episodes: int = 10
-    """number of greedy episodes played by --eval-checkpoint"""
+    """number of greedy episodes played by --eval-checkpoint and --capture-video"""
+    capture_video: bool = False
+    """if toggled, play --eval-episodes greedy episodes at the end of training (or of the --eval-checkpoint model) and
+    save the first as an animated GIF in the run directory (beside the checkpoint)"""
 
     # Configuration: the paper's three switches
     jepa: bool = True
@@ -145,6 +149,9 @@ class Args:
     probe_every: int = 20
     """fit and log the linear state probes every this many iterations (and at the last); the on-policy probe
     needs --num-envs >= 2 (it fits on half of the environments and scores on the other half)"""
+    image_every: int = 100
+    """log the CLS token's attention maps and the probe set's embedding (TensorBoard's projector) every this many
+    iterations (and at the last)"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -159,7 +166,7 @@ def check_args(args: Args) -> Optional[str]:
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
     positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
                 "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
-                "eval_episodes", "probe_every", "learning_rate", "clip_coef", "max_grad_norm"]
+                "eval_episodes", "probe_every", "image_every", "learning_rate", "clip_coef", "max_grad_norm"]
     for name in positive:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
@@ -182,8 +189,15 @@ def check_args(args: Args) -> Optional[str]:
         return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
     if not args.jepa and not args.rl_grad:
         return "--no-jepa with --no-rl-grad leaves the encoder without any training signal; use --jepa or --rl-grad"
-    if args.eval_checkpoint is not None and not os.path.isfile(args.eval_checkpoint):
-        return f"--eval-checkpoint: no such file: {args.eval_checkpoint}"
+    if args.eval_checkpoint is not None:
+        if not os.path.isfile(args.eval_checkpoint):
+            return f"--eval-checkpoint: no such file: {args.eval_checkpoint}"
+        try:  # tensors and plain values only: a file from elsewhere cannot run code here
+            checkpoint = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+        except Exception:
+            checkpoint = None
+        if not (isinstance(checkpoint, dict) and {"args", "encoder", "actor"} <= set(checkpoint)):
+            return f"--eval-checkpoint: {args.eval_checkpoint} is not a model.pt written by --save-model"
     return None
 
 
@@ -510,6 +524,7 @@ def make_probe_set(seed: int, height: int, width: int, device) -> tuple:
     return torch.stack(frames, dim=1), state
 
 
+IMAGE_STACKS = 4  # probe stacks shown with their attention maps
 ONPOLICY_PROBE_ROLLOUTS = 20  # the on-policy probe reads every fourth step of the last 20 rollouts: 1,280 stacks
 
 
@@ -530,8 +545,35 @@ def onpolicy_probe_r2(encoder, pool) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation of a saved checkpoint
+# Checkpoints, greedy play and pictures
 # ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def cls_attention(encoder, frames) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, H, W): the CLS token's attention weight on each patch in the last block (mean
+    over heads), spread over the patch's pixels; a tubelet's weight shows in all three of its frames."""
+    last, seen = encoder.blocks[-1], {}
+    hook = last.register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
+    encoder.cls_output(frames)
+    hook.remove()
+    x = seen["x"]  # (B, T, D): the tokens entering the last block
+    B, T, D = x.shape
+    q, k, _ = last.qkv(last.ln_1(x)).view(B, T, 3, last.num_heads, D // last.num_heads).permute(2, 0, 3, 1, 4)
+    weights = (q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(D // last.num_heads)).softmax(-1)  # (B, heads, 1, T)
+    to_patches = weights.mean(1)[:, 0, 1:].view(B, -1, encoder.rows, encoder.cols).expand(B, 3, -1, -1)  # CLS itself dropped
+    return to_patches.repeat_interleave(encoder.patch_size, 2).repeat_interleave(encoder.patch_size, 3)
+
+
+def attention_image(frames, attention) -> torch.Tensor:
+    """Frames (B, 3, H, W) and their attention maps -> one RGB image (3, B * H, 3 * W): a stack per row, its frames
+    t-2, t-1, t side by side, each stack's attention in red over the gray frames (from its least to its most
+    attended patch)."""
+    gray = frames.float() / 255
+    low, high = attention.amin(dim=(1, 2, 3), keepdim=True), attention.amax(dim=(1, 2, 3), keepdim=True)
+    heat = 0.7 * (attention - low) / (high - low).clamp(min=1e-12)
+    rgb = torch.stack([gray * (1 - heat) + heat, gray * (1 - heat), gray * (1 - heat)])  # (3, B, 3, H, W)
+    return rgb.permute(0, 1, 3, 2, 4).flatten(3, 4).flatten(1, 2)
+
+
 def save_checkpoint(path: str, args: Args, encoder, target_encoder, predictor, actor, critic):
     modules = {"encoder": encoder, "target_encoder": target_encoder, "predictor": predictor, "actor": actor, "critic": critic}
     torch.save({"args": asdict(args), **{name: module.state_dict() for name, module in modules.items()}}, path)
@@ -548,22 +590,29 @@ def load_policy(checkpoint_path: str, device) -> tuple:
 
 
 @torch.no_grad()
-def evaluate(checkpoint_path: str, episodes: int, seed: int, device: torch.device) -> float:
-    """Play `episodes` greedy episodes (one per environment) and return their mean return."""
-    saved, encoder, actor = load_policy(checkpoint_path, device)
+def play_greedy(encoder, actor, args: Args, episodes: int, seed: int, gif_path: Optional[str] = None) -> float:
+    """Play `episodes` greedy episodes (one per environment) and return their mean return; with `gif_path`,
+    save the first environment's episode there, drawn at the crop's full resolution (160 x 600)."""
+    device = next(encoder.parameters()).device
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
-    stack = initial_stack(torch.as_tensor(state, device=device), saved.frame_height, saved.frame_width)
+    state = torch.as_tensor(state, device=device)
+    stack = initial_stack(state, args.frame_height, args.frame_width)
     is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
-    returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), []
     while not finished.all():
+        if gif_path and not finished[0]:
+            gif_frames.append(render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy())
         action = actor(encoder(stack)).argmax(-1)
-        _, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, saved.frame_height, saved.frame_width)
+        state, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, args.frame_height, args.frame_width)
         if "_episode" in info:
             newly = info["_episode"] & ~finished
             returns[newly] = info["episode"]["r"][newly]
             finished |= info["_episode"]
     envs.close()
+    if gif_path:  # CartPole moves 0.02 s per step: 20 ms a frame is real time
+        first, *rest = [Image.fromarray(frame) for frame in gif_frames]
+        first.save(gif_path, save_all=True, append_images=rest, duration=20, loop=0)
     return float(returns.mean())
 
 
@@ -768,8 +817,10 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     if args.eval_checkpoint is not None:
-        mean_return = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, device)
-        print(f"mean return over {args.eval_episodes} greedy episodes: {mean_return:.1f}")
+        saved, encoder, actor = load_policy(args.eval_checkpoint, device)
+        gif_path = os.path.join(os.path.dirname(args.eval_checkpoint), "greedy_episode.gif") if args.capture_video else None
+        mean_return = play_greedy(encoder, actor, saved, args.eval_episodes, args.seed, gif_path)
+        print(f"mean return over {args.eval_episodes} greedy episodes: {mean_return:.1f}" + (f"; first saved to {gif_path}" if gif_path else ""))
         sys.exit(0)
 
     run_dir = make_run_dir(args)
@@ -855,6 +906,14 @@ if __name__ == "__main__":
                     for name, value in zip(STATE_VARIABLES, onpolicy_probe_r2(encoder, onpolicy_pool)):
                         writer.add_scalar(f"probe/onpolicy_r2_{name}", value, global_step)
                 timings["probe"] += time.perf_counter() - t0
+            if (iteration - 1) % args.image_every == 0 or iteration == args.num_iterations:
+                shown = probe_stacks[:IMAGE_STACKS]
+                writer.add_image("attention/cls_to_patches", attention_image(shown, cls_attention(encoder, shown)), global_step)
+                with torch.no_grad():
+                    embedded = encoder(probe_stacks)
+                # colour the points by any state variable in TensorBoard's projector; thumbnails show the last frame
+                writer.add_embedding(embedded, metadata=probe_states.tolist(), metadata_header=STATE_VARIABLES,
+                                     label_img=probe_stacks[:, 2:].float() / 255, global_step=global_step, tag="probe_set")
             elapsed = time.time() - start_time
             sps = int(global_step / elapsed)
             writer.add_scalar("charts/SPS", sps, global_step)
@@ -864,6 +923,11 @@ if __name__ == "__main__":
             eta = elapsed / iteration * (args.num_iterations - iteration)
             print(f"step {global_step:7d} ({100 * iteration / args.num_iterations:5.1f}%) | return {mean_return:6.1f} "
                   f"| SPS {sps:5d} | left {format_seconds(eta)}", flush=True)
+        if args.capture_video:
+            gif_path = os.path.join(run_dir, "greedy_episode.gif")
+            greedy_return = play_greedy(encoder, actor, args, args.eval_episodes, args.seed, gif_path)
+            writer.add_scalar("charts/greedy_return", greedy_return, global_step)
+            print(f"mean return over {args.eval_episodes} greedy episodes: {greedy_return:.1f}; first saved to {gif_path}")
     except KeyboardInterrupt:
         print(f"interrupted at global step {global_step}; logs flushed to {run_dir}")
     except FloatingPointError as e:

@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import jepa_ppo_cartpole as jp
@@ -645,6 +646,7 @@ def test_update_stops_on_a_non_finite_loss():
     (["--learning-rate", "0"], "--learning-rate"),
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--probe-every", "0"], "--probe-every"),
+    (["--image-every", "0"], "--image-every"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
 ])
@@ -653,6 +655,23 @@ def test_bad_flags_exit_with_one_line(argv, flag, capsys):
         jp.parse_args(argv)
     message = str(exit_info.value.code)
     assert exit_info.value.code != 0 and flag in message and "\n" not in message.strip()
+
+
+@pytest.mark.parametrize("kind", ["corrupt bytes", "another program's file", "a torch file without a model", "a directory"])
+def test_eval_checkpoint_that_is_no_checkpoint_exits_with_one_line(kind, tmp_path):
+    path = tmp_path / "model.pt"
+    if kind == "corrupt bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "another program's file":
+        path.write_text("step,return\n1,20\n")
+    elif kind == "a torch file without a model":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        jp.parse_args(["--eval-checkpoint", str(path)])
+    message = str(exit_info.value.code)
+    assert "--eval-checkpoint" in message and "\n" not in message.strip()
 
 
 def test_bad_flag_from_command_line_leaves_no_run_directory(tmp_path):
@@ -779,8 +798,54 @@ def test_checkpoint_reloads_the_policy_it_saved(tmp_path, tubelets):
         assert torch.equal(actor(encoder(stacks)), agent[3](agent[0](stacks)))
 
 
+@pytest.mark.parametrize("tubelets", [False, True])
+def test_cls_attention_is_the_last_blocks_attention_of_the_cls_token(tubelets):
+    args, encoder, *_ = make_models(tubelets=tubelets)
+    stacks = fake_minibatch(args, n=3)["stacks"]
+    maps = jp.cls_attention(encoder, stacks)
+    assert maps.shape == stacks.shape and (maps >= 0).all()
+    # the same weights from PyTorch's fused attention: with the identity as values, it returns its weights
+    seen = []
+    last = encoder.blocks[-1]
+    hook = last.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    encoder(stacks)
+    hook.remove()
+    B, T, D = seen[0].shape
+    q, k, _ = last.qkv(last.ln_1(seen[0])).view(B, T, 3, last.num_heads, D // last.num_heads).permute(2, 0, 3, 1, 4)
+    weights = F_sdpa(q, k, torch.eye(T).expand(B, last.num_heads, T, T))[:, :, 0, 1:].mean(1)  # (B, patches)
+    p = args.patch_size
+    per_patch = maps[:, :, ::p, ::p]  # (B, 3, rows, cols)
+    expected = weights.view(B, -1, *per_patch.shape[2:]).expand_as(per_patch)
+    torch.testing.assert_close(per_patch, expected, rtol=1e-4, atol=1e-6)
+    if tubelets:  # a tubelet's weight shows in all three of its frames
+        assert torch.equal(maps[:, 0], maps[:, 2])
+    image = jp.attention_image(stacks, maps)
+    assert image.shape == (3, 3 * args.frame_height, 3 * args.frame_width) and 0 <= image.min() and image.max() <= 1
+
+
+def F_sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
 def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
-    assert run_script([*SHORT, "--save-model", "--ema-tau", "0"], cwd=tmp_path).returncode == 0
+    """One short run with --save-model --capture-video --image-every 1; the pictures and the projector read back."""
+    result = run_script([*SHORT, "--save-model", "--ema-tau", "0", "--capture-video", "--eval-episodes", "2", "--image-every", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    acc = EventAccumulator(run_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Images("attention/cls_to_patches")) == 2  # both iterations
+    assert "charts/greedy_return" in acc.Tags()["scalars"]
+    with Image.open(os.path.join(run_dir, "greedy_episode.gif")) as gif:
+        assert gif.n_frames > 1 and gif.size == (600, 160)
+    config = open(os.path.join(run_dir, "projector_config.pbtxt")).read()
+    assert config.count("embeddings {") == 2 and "sprite" in config
+    last = sorted(glob.glob(os.path.join(run_dir, "*", "probe_set")))[-1]
+    tensors = np.loadtxt(os.path.join(last, "tensors.tsv"))
+    assert tensors.shape == (jp.PROBE_STATES, 64) and np.isfinite(tensors).all()
+    metadata = open(os.path.join(last, "metadata.tsv")).read().splitlines()
+    assert metadata[0].split("\t") == jp.STATE_VARIABLES and len(metadata) == jp.PROBE_STATES + 1
+    os.remove(os.path.join(run_dir, "greedy_episode.gif"))
     (checkpoint,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
     saved = torch.load(checkpoint)
     assert {"encoder", "predictor", "actor", "critic", "args"} <= set(saved)
@@ -789,9 +854,11 @@ def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
     torch.manual_seed(1)
     initial = jp.ViTEncoder(jp.parse_args([])).state_dict()
     assert not all(torch.equal(initial[k], v) for k, v in saved["encoder"].items())
-    result = run_script(["--eval-checkpoint", checkpoint, "--eval-episodes", "3"], cwd=tmp_path)
+    result = run_script(["--eval-checkpoint", checkpoint, "--eval-episodes", "3", "--capture-video"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "mean return over 3 greedy episodes" in result.stdout
+    with Image.open(os.path.join(run_dir, "greedy_episode.gif")) as gif:  # written beside the checkpoint
+        assert gif.n_frames > 1
     assert len(glob.glob(str(tmp_path / "runs" / "*"))) == 1  # evaluation creates no run directory
 
 

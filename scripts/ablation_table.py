@@ -1,6 +1,6 @@
 """The configuration-3 ablation table from the logs of scripts/ablation.sh.
 
-    python scripts/ablation_table.py runs/ablation [--steps 50000] [--csv docs/ablation.csv]
+    python scripts/ablation_table.py runs/ablation [--steps 50000] [--csv docs/ablation.csv] [--plot docs/ablation.png]
 
 Reads <logdir>/<ingredient>/<run directories> and prints, per ingredient and configuration (mean over seeds
 unless said otherwise):
@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import read_run  # noqa: E402
+from plot import read_run, running_mean  # noqa: E402
 
 CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
 
@@ -32,7 +32,11 @@ def summarize(run, steps):
     final = returns[(episode_steps > steps - 10_000) & (episode_steps <= steps)]
     last = lambda tag: float(run[tag][1][-10:].mean()) if tag in run else float("nan")
     lowest = lambda tag: float(run[tag][1].min()) if tag in run else float("nan")
+    grid = np.arange(0, steps + 1, 500)
+    curve = lambda tag: np.exp(np.interp(grid, run[tag][0], np.log(np.maximum(run[tag][1], 1e-12))))
     return {
+        "return_curve": np.interp(grid, *running_mean(episode_steps, returns), left=returns[0]),
+        "variance_curve": curve("embedding/variance"), "pre_ln_curve": curve("embedding/variance_pre_ln"), "grid": grid,
         "final_return": float(final.mean()),
         "lowest_pre_ln": lowest("embedding/variance_pre_ln"), "final_pre_ln": last("embedding/variance_pre_ln"),
         "lowest_variance": lowest("embedding/variance"), "final_variance": last("embedding/variance"),
@@ -47,6 +51,7 @@ if __name__ == "__main__":
     parser.add_argument("logdir", help="directory with one subdirectory of runs per ingredient (scripts/ablation.sh)")
     parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
     parser.add_argument("--csv", help="also write one row per run to this file")
+    parser.add_argument("--plot", help="also draw return and variance curves (mean over seeds) to this file")
     opts = parser.parse_args()
     rows, per_run = [], []
     for ingredient_dir in sorted(glob.glob(os.path.join(opts.logdir, "*/"))):
@@ -60,7 +65,8 @@ if __name__ == "__main__":
                     continue
                 seed = int(os.path.basename(run_dir).split("__")[2][1:])
                 runs[seed] = summarize(run, opts.steps)
-                per_run.append({"ingredient": ingredient, "configuration": number, "seed": seed, **runs[seed]})
+                per_run.append({"ingredient": ingredient, "configuration": number, "seed": seed,
+                                **{k: v for k, v in runs[seed].items() if not isinstance(v, np.ndarray)}})
             if runs:
                 rows.append((ingredient, number, runs))
     order = ["defaults", "no-ink", "no-final-ln", "weight-decay", "fresh-targets", "ema-per-iteration"]
@@ -81,3 +87,31 @@ if __name__ == "__main__":
             writer = csv.DictWriter(f, fieldnames=list(per_run[0]))
             writer.writeheader()
             writer.writerows(per_run)
+    if opts.plot and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 3, figsize=(17, 8), constrained_layout=True, sharex=True)
+        ingredients = list(dict.fromkeys(r[0] for r in rows))
+        colors = dict(zip(ingredients, plt.cm.tab10.colors))
+        panels = [("return_curve", "running mean return (20 episodes)"), ("variance_curve", "embedding/variance (s_x)"),
+                  ("pre_ln_curve", "embedding/variance_pre_ln (CLS output)")]
+        for ingredient, number, runs in rows:
+            row = list(CONFIGURATIONS.values()).index(number)
+            for col, (key, title) in enumerate(panels):
+                curves = np.stack([r[key] for r in runs.values()])
+                center = curves.mean(0) if key == "return_curve" else np.exp(np.log(curves).mean(0))
+                ax = axes[row, col]
+                ax.plot(next(iter(runs.values()))["grid"], center, color=colors[ingredient], label=ingredient)
+                ax.set_title(f"configuration {number}: {title}")
+                if key != "return_curve":
+                    ax.set_yscale("log")
+                    ax.axhline(1e-7, color="black", linestyle="--", linewidth=1)
+        for ax in axes[-1]:
+            ax.set_xlabel("environment steps")
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle("Configuration 3's collapse, one ingredient changed at a time (configuration 2 as control); "
+                     "mean over seeds (geometric for variances); dashed: the paper's 1e-7")
+        fig.savefig(opts.plot, dpi=100)
