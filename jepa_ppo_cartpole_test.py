@@ -870,3 +870,15 @@ def test_default_configuration_learns(tmp_path):
     returns = scalars(run_dir)["charts/episodic_return"]
     last = [v for step, v in returns if step > 30000]
     assert np.mean(last) > 60
+
+
+# ------------------------------------------------------------------------------ the plotting script
+def test_plot_statistics_iqm_and_bootstrap_interval():
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
+    import plot
+    assert plot.iqm(np.array([1.0, 2, 3, 4, 100])) == 3.0  # the outlier and the lowest seed are cut
+    assert plot.iqm(np.array([4.0, 1, 3, 2])) == 2.5
+    low, high = plot.bootstrap_ci(np.array([1.0, 2, 3, 4, 5]), np.mean)
+    assert 1.0 < low < 3.0 < high < 5.0
+    curves_low, curves_high = plot.bootstrap_ci(np.array([[0.0, 10], [2, 10], [4, 10]]), np.mean)  # per step
+    assert curves_low[1] == curves_high[1] == 10 and curves_low[0] < 2 < curves_high[0]

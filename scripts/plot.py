@@ -13,13 +13,19 @@ writes <out>/figure3.png and <out>/results.csv, and prints the table as Markdown
                   output before the final LayerNorm (logs from before that tag show nan)
   R^2             the last 2 fits (the last 5k steps) of the two linear probes: probe/onpolicy_r2_* on the
                   states the policy visits, probe/r2_* on the fixed probe set spread over the state space
-Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400).
+Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400), and for the
+final return and the AUC the interquartile mean (IQM: the mean of the middle half of the seeds, as scipy's
+trim_mean(x, 0.25)) with 95% bootstrap confidence intervals of the mean and of the IQM (percentile intervals
+over 10,000 resamples of the seeds with replacement; with one task the stratified bootstrap of Agarwal et al.,
+2021, is this plain bootstrap). The figure's bands are the same bootstrap interval of the mean, per step.
+Two runs of one configuration with the same seed in one log directory stop the script: move one away.
 """
 
 import argparse
 import csv
 import glob
 import os
+import sys
 from collections import deque
 
 import numpy as np
@@ -36,6 +42,23 @@ STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocit
 PROBES = {"onpolicy_": "on-policy probe", "": "fixed-set probe"}  # tag prefix -> title
 GRID = np.arange(0, 100_001, 1000)  # steps at which curves are compared across seeds
 LOG_AXIS = ("variance_curve", "jepa_loss_curve")  # drawn on a log axis, their mean over seeds geometric
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def iqm(x, axis=-1):
+    """Interquartile mean: drop the lowest and highest quarter (floor(n / 4) values each), average the rest."""
+    x = np.sort(x, axis=axis)
+    cut = x.shape[axis] // 4
+    return np.take(x, np.arange(cut, x.shape[axis] - cut), axis=axis).mean(axis=axis)
+
+
+def bootstrap_ci(values, statistic, level=0.95, seed=0):
+    """Percentile interval of `statistic` over resamples of `values` (seeds, ...) with replacement, along axis 0."""
+    values = np.asarray(values)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    stats = statistic(values[picks], axis=1)  # (resamples, ...)
+    return np.quantile(stats, [(1 - level) / 2, (1 + level) / 2], axis=0)
 
 
 def read_run(run_dir):
@@ -88,7 +111,11 @@ def load_sweep(logdir):
         if "charts/SPS" not in run or run["charts/SPS"][0][-1] < 99_000:
             print(f"skipped, not finished: {run_dir}")
             continue
-        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize_run(run)
+        runs = sweep.setdefault(configuration, {})
+        if int(seed[1:]) in runs:
+            sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir} ({runs[int(seed[1:])]['run_dir']} "
+                     f"and {run_dir}); a sweep holds one run per configuration and seed: move one away")
+        runs[int(seed[1:])] = {**summarize_run(run), "run_dir": run_dir}
     return sweep
 
 
@@ -101,6 +128,7 @@ def table_rows(sweep):
         col = lambda key: np.array([run[key] for run in runs.values()])
         finals, to_400 = col("final_return"), col("steps_to_400")
         reached = np.isfinite(to_400)
+        interval = lambda x, statistic: "[{:.1f}, {:.1f}]".format(*bootstrap_ci(x, statistic))
         rows.append({
             "configuration": label,
             "seeds": " ".join(str(s) for s in runs),
@@ -108,9 +136,14 @@ def table_rows(sweep):
             "final_return_mean": round(finals.mean(), 1),
             "final_return_std": round(finals.std(), 1),
             "final_returns": " ".join(f"{f:.1f}" for f in finals),
+            "final_return_mean_ci95": interval(finals, np.mean),
+            "final_return_iqm": round(float(iqm(finals)), 1),
+            "final_return_iqm_ci95": interval(finals, iqm),
             "median_steps_to_400": np.median(to_400) if reached.any() else "never",
             "runs_reaching_400": f"{reached.sum()}/{len(to_400)}",
             "auc_mean": round(col("auc").mean(), 1),
+            "auc_mean_ci95": interval(col("auc"), np.mean),
+            "auc_iqm": round(float(iqm(col("auc"))), 1),
             "embedding_variance": f"{np.mean(col('variance')):.2e}",
             "lowest_embedding_variance": f"{np.median(col('lowest_variance')):.1e}",
             "variance_pre_ln": f"{np.median(col('variance_pre_ln')):.2e}",
@@ -121,14 +154,16 @@ def table_rows(sweep):
 
 
 def markdown(rows):
-    header = ("| configuration | paper, return at 100k | final return (mean +- std) | median steps to 400 (runs) | AUC "
+    header = ("| configuration | paper, return at 100k | final return: mean +- std [95% CI] | final return: IQM [95% CI] "
+              "| median steps to 400 (runs) | AUC: mean [95% CI] "
               "| embedding variance: final, lowest | pre-LN variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         to_400 = r["median_steps_to_400"]
         to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
-                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
+                     f"{r['final_return_mean_ci95']} | {r['final_return_iqm']} {r['final_return_iqm_ci95']} "
+                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
                      f"{r['variance_pre_ln']}, {r['lowest_variance_pre_ln']} | "
                      + " | ".join(f"{r[f'onpolicy_r2_{name}']} / {r[f'r2_{name}']}" for name in STATE_VARIABLES) + " |")
     return "\n".join(lines)
@@ -152,7 +187,11 @@ def plot(sweep, path):
             curves = np.stack([run[key] for run in sweep[configuration].values()])
             center = np.exp(np.log(curves).mean(0)) if key in LOG_AXIS else curves.mean(0)
             ax.plot(GRID, center, color=color, label=label)
-            ax.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.2)
+            if key in LOG_AXIS:  # the interval of the geometric mean
+                low, high = np.exp(bootstrap_ci(np.log(curves), np.mean))
+            else:
+                low, high = bootstrap_ci(curves, np.mean)
+            ax.fill_between(GRID, low, high, color=color, alpha=0.2)
             if key == "variance_curve":  # the CLS output before the final LayerNorm, dashed
                 pre_ln = np.stack([run["variance_pre_ln_curve"] for run in sweep[configuration].values()])
                 ax.plot(GRID, np.exp(np.log(pre_ln).mean(0)), color=color, linestyle="--", linewidth=1)
@@ -166,7 +205,7 @@ def plot(sweep, path):
             ax.set_ylim(-0.5, 1.0)
     axes.flat[0].legend(loc="upper left")
     axes.flat[1].legend(loc="lower left", fontsize=8)
-    fig.suptitle("JEPA + PPO on CartPole from pixels: mean over seeds (line), min-max over seeds (band)")
+    fig.suptitle("JEPA + PPO on CartPole from pixels: mean over seeds (line), 95% bootstrap interval of the mean (band)")
     fig.savefig(path, dpi=110)
 
 
