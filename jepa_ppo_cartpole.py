@@ -23,7 +23,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -111,7 +111,11 @@ class Args:
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
 
-    # ViT encoder and predictor
+    # Encoder and predictor
+    encoder: Literal["vit", "cnn"] = "vit"
+    """the x- and y-encoder: the paper's ViT, or (a baseline beyond the paper) a small CNN that reads the three frames
+    as channels (convolutions 32x4x4 stride 2, 64x3x3 stride 2, 64x3x3 stride 1, ReLU; a linear layer to
+    --embed-dim; the same final LayerNorm). The ViT flags below do not apply to the CNN"""
     embed_dim: int = 64
     """width of the ViT and dimension d of the embedding s_x (the paper uses 64)"""
     depth: int = 2
@@ -372,6 +376,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def to_pixels(frames, ink: bool):
+    """uint8 intensities -> floats. Ink, not light (the default): the white background becomes 0, so empty patches
+    embed to the bias alone and the few with cart and pole stand out; raw intensity adds one large shared
+    component to every token."""
+    return torch.rsub(frames, 1.0, alpha=1 / 255) if ink else frames * (1 / 255)
+
+
 class ViTEncoder(nn.Module):
     """Frames (B, 3, H, W) uint8 -> embedding (B, D): the CLS token's output after the last block."""
 
@@ -391,19 +402,15 @@ class ViTEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(d) if args.final_ln else nn.Identity()
         self.ink = args.ink
 
-    def cls_output(self, frames):
+    def pre_norm(self, frames):
         """(B, 3, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
         B, p = frames.shape[0], self.patch_size
         patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, 3, rows, cols, p, p)
         if self.frames_per_token == 3:  # a tubelet holds its patch in frames t-2, t-1, t side by side
             patches = patches.permute(0, 2, 3, 1, 4, 5)[:, None]  # (B, 1, rows, cols, 3, p, p)
         n = 3 // self.frames_per_token  # tokens per patch position
-        # uint8 rearranged first (a cheap copy), then turned into floats in one operation. Ink, not light:
-        # the white background becomes 0, so empty patches embed to the bias alone and the few patches
-        # with cart and pole stand out
-        patches = patches.reshape(B, n, self.rows, self.cols, -1)
-        pixels = torch.rsub(patches, 1.0, alpha=1 / 255) if self.ink else patches * (1 / 255)
-        tokens = self.patch_embed(pixels)  # (B, n, rows, cols, D)
+        # uint8 rearranged first (a cheap copy), then turned into floats in one operation
+        tokens = self.patch_embed(to_pixels(patches.reshape(B, n, self.rows, self.cols, -1), self.ink))  # (B, n, rows, cols, D)
         tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, n * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         for block in self.blocks:
@@ -411,7 +418,30 @@ class ViTEncoder(nn.Module):
         return x[:, 0]
 
     def forward(self, frames):
-        return self.ln_f(self.cls_output(frames))
+        return self.ln_f(self.pre_norm(frames))
+
+
+class CNNEncoder(nn.Module):
+    """Frames (B, 3, H, W) uint8 -> embedding (B, D), the frames as channels: --encoder cnn, a baseline."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.ink = args.ink
+        self.convs = nn.Sequential(nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
+                                   nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+        flat = self.convs(torch.zeros(1, 3, args.frame_height, args.frame_width)).shape[1]  # 64 x 5 x 21 at 32 x 96
+        self.fc = nn.Linear(flat, args.embed_dim)
+        self.ln_f = nn.LayerNorm(args.embed_dim) if args.final_ln else nn.Identity()
+
+    def pre_norm(self, frames):
+        return self.fc(self.convs(to_pixels(frames, self.ink)))
+
+    def forward(self, frames):
+        return self.ln_f(self.pre_norm(frames))
+
+
+def make_encoder(args: Args) -> nn.Module:
+    return ViTEncoder(args) if args.encoder == "vit" else CNNEncoder(args)
 
 
 class Predictor(nn.Module):
@@ -440,8 +470,8 @@ def make_agent(args: Args, device):
 
     The y-encoder starts as an exact copy of the x-encoder and is never optimized. Adam is elementwise, so the
     modules share it without sharing a step: their gradients are clipped apart (`clip_grad_norms`)."""
-    encoder = ViTEncoder(args).to(device)
-    target_encoder = ViTEncoder(args).to(device)
+    encoder = make_encoder(args).to(device)
+    target_encoder = make_encoder(args).to(device)
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)
     predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
@@ -553,7 +583,7 @@ def cls_attention(encoder, frames) -> torch.Tensor:
     over heads), spread over the patch's pixels; a tubelet's weight shows in all three of its frames."""
     last, seen = encoder.blocks[-1], {}
     hook = last.register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
-    encoder.cls_output(frames)
+    encoder.pre_norm(frames)
     hook.remove()
     x = seen["x"]  # (B, T, D): the tokens entering the last block
     B, T, D = x.shape
@@ -583,7 +613,7 @@ def load_policy(checkpoint_path: str, device) -> tuple:
     """(Args, x-encoder, actor) of a checkpoint written by `save_checkpoint`."""
     checkpoint = torch.load(checkpoint_path, map_location=device)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
-    encoder, actor = ViTEncoder(saved).to(device), make_heads(saved.embed_dim)[0].to(device)
+    encoder, actor = make_encoder(saved).to(device), make_heads(saved.embed_dim)[0].to(device)
     encoder.load_state_dict(checkpoint["encoder"])
     actor.load_state_dict(checkpoint["actor"])
     return saved, encoder, actor
@@ -684,7 +714,7 @@ def make_rollout_storage(args: Args, device) -> dict:
         "actions": zeros(T, N, dtype=torch.long), "logprobs": zeros(T, N), "values": zeros(T, N),
         "rewards": zeros(T, N), "terminations": zeros(T, N),
         "dones": zeros(T, N),  # terminated or truncated by row t's action: row t + 1 is a reset step
-        "embeddings": zeros(T, N, D), "cls_outputs": zeros(T, N, D),  # s_x, and the CLS output before the final LayerNorm
+        "embeddings": zeros(T, N, D), "pre_norm": zeros(T, N, D),  # s_x, and the encoder's output before the final LayerNorm
     }
 
 
@@ -700,12 +730,12 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
         stack = env_state["stack"]
         rollout["stacks"][step], rollout["states"][step], rollout["valid"][step] = stack, env_state["state"], ~env_state["is_reset_step"]
         with torch.no_grad():
-            cls = encoder.cls_output(stack)
-            s_x = encoder.ln_f(cls)
+            h = encoder.pre_norm(stack)
+            s_x = encoder.ln_f(h)
             probs = Categorical(logits=actor(s_x), validate_args=False)
             action = probs.sample()
             rollout["values"][step] = critic(s_x).flatten()
-        rollout["embeddings"][step], rollout["cls_outputs"][step] = s_x, cls
+        rollout["embeddings"][step], rollout["pre_norm"][step] = s_x, h
         rollout["actions"][step], rollout["logprobs"][step] = action, probs.log_prob(action)
         t1 = time.perf_counter()
         timings["inference"] += t1 - t0
@@ -887,7 +917,7 @@ if __name__ == "__main__":
             for name in ["encoder", "predictor", "actor", "critic"]:
                 writer.add_scalar(f"grad_norm/{name}", losses[f"grad_norm_{name}"].item(), global_step)
             writer.add_scalar("embedding/variance", variance, global_step)
-            writer.add_scalar("embedding/variance_pre_ln", embedding_variance(rollout["cls_outputs"][valid]).item(), global_step)
+            writer.add_scalar("embedding/variance_pre_ln", embedding_variance(rollout["pre_norm"][valid]).item(), global_step)
             if args.final_ln:
                 writer.add_scalar("embedding/ln_gain_norm", encoder.ln_f.weight.norm().item(), global_step)
             if "targets" in batch:
@@ -908,7 +938,8 @@ if __name__ == "__main__":
                 timings["probe"] += time.perf_counter() - t0
             if (iteration - 1) % args.image_every == 0 or iteration == args.num_iterations:
                 shown = probe_stacks[:IMAGE_STACKS]
-                writer.add_image("attention/cls_to_patches", attention_image(shown, cls_attention(encoder, shown)), global_step)
+                if args.encoder == "vit":
+                    writer.add_image("attention/cls_to_patches", attention_image(shown, cls_attention(encoder, shown)), global_step)
                 with torch.no_grad():
                     embedded = encoder(probe_stacks)
                 # colour the points by any state variable in TensorBoard's projector; thumbnails show the last frame

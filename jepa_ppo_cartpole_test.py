@@ -206,7 +206,7 @@ def test_true_truncation_at_500_steps():
 def make_models(**overrides):
     args = small_args(**overrides)
     torch.manual_seed(0)
-    encoder, predictor = jp.ViTEncoder(args), jp.Predictor(args.embed_dim, args.predictor_hidden)
+    encoder, predictor = jp.make_encoder(args), jp.Predictor(args.embed_dim, args.predictor_hidden)
     actor, critic = jp.make_heads(args.embed_dim)
     return args, encoder, predictor, actor, critic
 
@@ -228,6 +228,17 @@ def test_encoder_and_predictor_shapes():
     tokens = 3 * (args.frame_height // args.patch_size) * (args.frame_width // args.patch_size)
     assert tokens == 36
     assert predictor(s_x, torch.zeros(16, dtype=torch.long)).shape == (16, args.embed_dim)
+
+
+def test_cnn_encoder_reads_the_three_frames_as_channels():
+    args, encoder, *_ = make_models(encoder="cnn")
+    assert isinstance(encoder, jp.CNNEncoder) and encoder.convs[0].in_channels == 3
+    stacks = fake_minibatch(args, n=4)["stacks"]
+    s_x = encoder(stacks)
+    assert s_x.shape == (4, args.embed_dim) and torch.equal(s_x, encoder.ln_f(encoder.pre_norm(stacks)))
+    moved = stacks.clone()
+    moved[:, 0] = 255  # a change in the oldest frame alone changes the embedding
+    assert not torch.allclose(encoder(moved), s_x)
 
 
 def test_positional_encoding_sees_frame_order():
@@ -270,7 +281,7 @@ def test_encoder_reads_ink_or_raw_intensity(ink, white):
 def test_final_layernorm_switch(final_ln):
     args, encoder, *_ = make_models(final_ln=final_ln)
     stacks = fake_minibatch(args, n=4)["stacks"]
-    cls, s_x = encoder.cls_output(stacks), encoder(stacks)
+    cls, s_x = encoder.pre_norm(stacks), encoder(stacks)
     if final_ln:  # at initialisation: gain 1, bias 0, so each embedding has mean 0 and variance 1
         torch.testing.assert_close(s_x.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
         torch.testing.assert_close(s_x.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
@@ -470,7 +481,7 @@ def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_ca
         s_x = encoder(stacks[:-1].flatten(0, 1))
         logits = actor(s_x)
     torch.testing.assert_close(rollout["embeddings"].flatten(0, 1), s_x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rollout["cls_outputs"].flatten(0, 1), encoder.cls_output(stacks[:-1].flatten(0, 1)).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout["pre_norm"].flatten(0, 1), encoder.pre_norm(stacks[:-1].flatten(0, 1)).detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rollout["values"].flatten(), critic(s_x).flatten().detach(), rtol=1e-5, atol=1e-5)
     logprobs = torch.log_softmax(logits, -1).gather(1, rollout["actions"].flatten()[:, None])[:, 0]
     torch.testing.assert_close(rollout["logprobs"].flatten(), logprobs, rtol=1e-5, atol=1e-5)
@@ -647,6 +658,7 @@ def test_update_stops_on_a_non_finite_loss():
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--probe-every", "0"], "--probe-every"),
     (["--image-every", "0"], "--image-every"),
+    (["--encoder", "mlp"], "--encoder"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
 ])
@@ -718,6 +730,14 @@ def test_each_configuration_logs_every_tag(config, tmp_path):
     acc.Reload()
     assert acc.Tags()["images"]  # what the agent sees
     assert acc.Tags()["tensors"]  # the hyperparameter table (text)
+
+
+def test_cnn_encoder_runs_the_loop(tmp_path):
+    logged = run_once([*CONFIGS["2"], *SHORT, "--encoder", "cnn", "--image-every", "1"], tmp_path)
+    assert all(tag in logged for tag in TAGS)
+    acc = EventAccumulator(glob.glob(str(tmp_path / "runs" / "*"))[0])
+    acc.Reload()
+    assert acc.Tags()["images"] == ["observations/frame_stacks"]  # no attention maps without attention
 
 
 def test_configuration_1_learns_the_same_whatever_its_diagnostic_predictor_does(tmp_path):
