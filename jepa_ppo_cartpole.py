@@ -16,6 +16,7 @@ state vector, only frames drawn from it by `render_cartpole`, a torch drawing of
 import contextlib
 import functools
 import io
+import itertools
 import math
 import os
 import random
@@ -212,10 +213,10 @@ def parse_args(argv=None) -> Args:
         with contextlib.redirect_stderr(tyro_errors):
             args = tyro.cli(Args, args=argv)
     except SystemExit as e:
-        if e.code:  # tyro draws a multi-line box; keep its message line
+        if e.code:  # tyro draws a box: a title, the message (wrapped), a rule, hints; keep the message, one line
             lines = [line.strip(" |+-\u2502\u256d\u256e\u2570\u256f\u2500") for line in tyro_errors.getvalue().splitlines()]
-            texts = [line for line in lines if any(c.isalpha() for c in line)]  # title, message, hints
-            message = texts[1] if len(texts) > 1 else (texts or ["invalid arguments"])[0]
+            after_title = itertools.dropwhile(lambda line: not line, lines[1:])  # a plain terminal puts a rule first
+            message = " ".join(itertools.takewhile(bool, after_title)) or "invalid arguments"
             sys.exit(f"error: {message} (see --help)")
         raise
     error = check_args(args)

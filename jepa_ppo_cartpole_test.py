@@ -686,6 +686,13 @@ def test_eval_checkpoint_that_is_no_checkpoint_exits_with_one_line(kind, tmp_pat
     assert "--eval-checkpoint" in message and "\n" not in message.strip()
 
 
+def test_a_wrapped_tyro_message_stays_whole_on_one_line():
+    with pytest.raises(SystemExit) as exit_info:
+        jp.parse_args(["--encoder", "mlp"])
+    message = str(exit_info.value.code)
+    assert "'vit'" in message and "'cnn'" in message and "\n" not in message  # tyro wraps the allowed values
+
+
 def test_bad_flag_from_command_line_leaves_no_run_directory(tmp_path):
     result = run_script(["--num-minibatches", "5"], cwd=tmp_path)
     assert result.returncode != 0
