@@ -190,6 +190,8 @@ def check_args(args: Args) -> Optional[str]:
     for name in ["frame_height", "frame_width"]:
         if getattr(args, name) % args.patch_size:
             return f"--{name.replace('_', '-')} ({getattr(args, name)}) must be divisible by --patch-size ({args.patch_size})"
+    if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
+        return f"--encoder cnn needs frames of at least 16 x 16 pixels, got --frame-height {args.frame_height} --frame-width {args.frame_width}"
     if args.embed_dim % args.num_heads:
         return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
     if not args.jepa and not args.rl_grad:
@@ -197,11 +199,9 @@ def check_args(args: Args) -> Optional[str]:
     if args.eval_checkpoint is not None:
         if not os.path.isfile(args.eval_checkpoint):
             return f"--eval-checkpoint: no such file: {args.eval_checkpoint}"
-        try:  # tensors and plain values only: a file from elsewhere cannot run code here
-            checkpoint = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+        try:  # torch.load takes tensors and plain values only: a file from elsewhere cannot run code here
+            load_policy(args.eval_checkpoint, "cpu")
         except Exception:
-            checkpoint = None
-        if not (isinstance(checkpoint, dict) and {"args", "encoder", "actor"} <= set(checkpoint)):
             return f"--eval-checkpoint: {args.eval_checkpoint} is not a model.pt written by --save-model"
     return None
 
@@ -584,8 +584,10 @@ def cls_attention(encoder, frames) -> torch.Tensor:
     over heads), spread over the patch's pixels; a tubelet's weight shows in all three of its frames."""
     last, seen = encoder.blocks[-1], {}
     hook = last.register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
-    encoder.pre_norm(frames)
-    hook.remove()
+    try:
+        encoder.pre_norm(frames)
+    finally:
+        hook.remove()
     x = seen["x"]  # (B, T, D): the tokens entering the last block
     B, T, D = x.shape
     q, k, _ = last.qkv(last.ln_1(x)).view(B, T, 3, last.num_heads, D // last.num_heads).permute(2, 0, 3, 1, 4)
@@ -612,7 +614,7 @@ def save_checkpoint(path: str, args: Args, encoder, target_encoder, predictor, a
 
 def load_policy(checkpoint_path: str, device) -> tuple:
     """(Args, x-encoder, actor) of a checkpoint written by `save_checkpoint`."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
+    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     encoder, actor = make_encoder(saved).to(device), make_heads(saved.embed_dim)[0].to(device)
     encoder.load_state_dict(checkpoint["encoder"])
@@ -630,12 +632,13 @@ def play_greedy(encoder, actor, args: Args, episodes: int, seed: int, gif_path: 
     state = torch.as_tensor(state, device=device)
     stack = initial_stack(state, args.frame_height, args.frame_width)
     is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
-    returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), []
+    draw = lambda state: render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy()
+    returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), [draw(state)] if gif_path else []
     while not finished.all():
-        if gif_path and not finished[0]:
-            gif_frames.append(render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy())
         action = actor(encoder(stack)).argmax(-1)
         state, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, args.frame_height, args.frame_width)
+        if gif_path and not finished[0]:  # NEXT_STEP autoreset: the step that ends an episode returns its last state
+            gif_frames.append(draw(state))
         if "_episode" in info:
             newly = info["_episode"] & ~finished
             returns[newly] = info["episode"]["r"][newly]

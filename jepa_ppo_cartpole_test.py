@@ -268,11 +268,13 @@ def test_tubelets_make_one_token_per_patch_position_that_sees_all_frames():
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("encoder_type", ["vit", "cnn"])
 @pytest.mark.parametrize("ink, white", [(True, 0.0), (False, 1.0)])
-def test_encoder_reads_ink_or_raw_intensity(ink, white):
-    args, encoder, *_ = make_models(ink=ink)
+def test_encoder_reads_ink_or_raw_intensity(ink, white, encoder_type):
+    args, encoder, *_ = make_models(ink=ink, encoder=encoder_type)
     seen = []
-    encoder.patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    first = encoder.patch_embed if encoder_type == "vit" else encoder.convs[0]
+    first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     encoder(torch.full((1, 3, 32, 96), 255, dtype=torch.uint8))
     assert seen[0].dtype == torch.float32 and torch.allclose(seen[0], torch.full_like(seen[0], white), rtol=0, atol=1e-6)
 
@@ -575,6 +577,25 @@ def test_a_loss_never_changes_the_step_of_a_module_it_does_not_reach(config, sca
     assert not same("predictor" if scaled == "targets" else "critic")
 
 
+def test_clip_grad_norms_is_clip_grad_norm_per_module_to_the_bit():
+    g = torch.Generator().manual_seed(0)
+    modules = {name: torch.nn.Linear(8, 8) for name in ["a", "b"]}
+    for scale, module in zip([100.0, 0.01], modules.values()):
+        for p in module.parameters():
+            p.grad = scale * torch.randn(p.shape, generator=g)
+    reference = {}
+    for name, module in modules.items():
+        copy = [p.grad.clone() for p in module.parameters()]
+        params = [torch.nn.Parameter(p.detach().clone()) for p in module.parameters()]
+        for p, grad in zip(params, copy):
+            p.grad = grad
+        reference[name] = (torch.nn.utils.clip_grad_norm_(params, 0.5), [p.grad for p in params])
+    norms = jp.clip_grad_norms(modules, 0.5)
+    for name, module in modules.items():
+        assert torch.equal(norms[name], reference[name][0])
+        assert all(torch.equal(p.grad, r) for p, r in zip(module.parameters(), reference[name][1]))
+
+
 def test_clip_grad_norms_clips_each_module_to_its_own_norm():
     big, small = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     for p in big.parameters():
@@ -659,6 +680,7 @@ def test_update_stops_on_a_non_finite_loss():
     (["--probe-every", "0"], "--probe-every"),
     (["--image-every", "0"], "--image-every"),
     (["--encoder", "mlp"], "--encoder"),
+    (["--encoder", "cnn", "--patch-size", "4", "--frame-height", "12"], "--encoder cnn"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
 ])
@@ -669,7 +691,8 @@ def test_bad_flags_exit_with_one_line(argv, flag, capsys):
     assert exit_info.value.code != 0 and flag in message and "\n" not in message.strip()
 
 
-@pytest.mark.parametrize("kind", ["corrupt bytes", "another program's file", "a torch file without a model", "a directory"])
+@pytest.mark.parametrize("kind", ["corrupt bytes", "another program's file", "a torch file without a model",
+                                  "a model of another size", "a directory"])
 def test_eval_checkpoint_that_is_no_checkpoint_exits_with_one_line(kind, tmp_path):
     path = tmp_path / "model.pt"
     if kind == "corrupt bytes":
@@ -678,6 +701,13 @@ def test_eval_checkpoint_that_is_no_checkpoint_exits_with_one_line(kind, tmp_pat
         path.write_text("step,return\n1,20\n")
     elif kind == "a torch file without a model":
         torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "a model of another size":
+        args = small_args()
+        torch.manual_seed(0)
+        jp.save_checkpoint(str(path), args, *jp.make_agent(args, "cpu")[:5])
+        saved = torch.load(path)
+        saved["args"]["embed_dim"] = 32
+        torch.save(saved, path)
     else:
         path.mkdir()
     with pytest.raises(SystemExit) as exit_info:
@@ -766,8 +796,11 @@ def test_collapse_diagnostics_in_the_loop(tmp_path):
     (tmp_path / "b").mkdir()
     plain = run_once([*CONFIGS["3"], *SHORT, "--no-final-ln"], tmp_path / "a")
     assert plain["embedding/variance_pre_ln"] == plain["embedding/variance"] and "embedding/ln_gain_norm" not in plain
-    normed = run_once([*CONFIGS["3"], *SHORT], tmp_path / "b")
-    assert all(7.5 < g < 8.5 for _, g in normed["embedding/ln_gain_norm"])  # sqrt(64) = 8, moved a little by 32 steps
+    normed = run_once([*CONFIGS["3"], *SHORT, "--total-timesteps", "768", "--image-every", "100"], tmp_path / "b")
+    assert all(7.5 < g < 8.5 for _, g in normed["embedding/ln_gain_norm"])  # sqrt(64) = 8, moved a little by 48 steps
+    acc = EventAccumulator(glob.glob(str(tmp_path / "b" / "runs" / "*"))[0], size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("attention/cls_to_patches")] == [256, 768]  # the first and the last iteration
     assert normed["embedding/variance_pre_ln"] != normed["embedding/variance"]
 
 
@@ -813,8 +846,8 @@ def test_checkpoint_reloads_the_policy_it_saved(tmp_path, tubelets):
     args = small_args(tubelets=tubelets, embed_dim=32, num_heads=2)
     torch.manual_seed(0)
     agent = jp.make_agent(args, "cpu")
-    with torch.no_grad():
-        for p in agent[4].parameters():  # the critic: a reload must not take it for the actor
+    with torch.no_grad():  # the y-encoder and the critic: a reload must not take them for the x-encoder and actor
+        for p in [*agent[1].parameters(), *agent[4].parameters()]:
             p.add_(1.0)
     path = str(tmp_path / "model.pt")
     jp.save_checkpoint(path, args, *agent[:5])
@@ -850,8 +883,49 @@ def test_cls_attention_is_the_last_blocks_attention_of_the_cls_token(tubelets):
     assert image.shape == (3, 3 * args.frame_height, 3 * args.frame_width) and 0 <= image.min() and image.max() <= 1
 
 
+def test_attention_image_puts_each_stack_in_a_row_and_its_hottest_patch_in_red():
+    frames = torch.full((2, 3, 4, 6), 255, dtype=torch.uint8)
+    frames[1, 2] = 0  # stack 1, frame t: black
+    attention = torch.zeros(2, 3, 4, 6)
+    attention[0, 1, :2, :3] = 1.0  # stack 0: all its attention on one patch of frame t-1
+    attention[1] = 0.5  # stack 1: even
+    image = jp.attention_image(frames, attention)  # (3, 2 * 4, 3 * 6)
+    assert image.shape == (3, 8, 18)
+    assert torch.allclose(image[:, :2, 6:9], torch.tensor([1.0, 0.3, 0.3])[:, None, None])  # red over white
+    assert torch.equal(image[:, :4, :6], torch.ones(3, 4, 6))  # stack 0, frame t-2: white, no heat
+    assert torch.equal(image[:, 4:, 12:], torch.zeros(3, 4, 6))  # stack 1, frame t: black, even attention: no heat
+
+
 def F_sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_play_greedy_records_the_first_episode_to_its_last_state(tmp_path):
+    args = small_args()
+    torch.manual_seed(0)
+    encoder, _, _, actor, _, _ = jp.make_agent(args, "cpu")
+    with torch.no_grad():
+        actor[-1].bias.copy_(torch.tensor([0.0, 100.0]))  # always push right
+    gif = str(tmp_path / "episode.gif")
+    mean_return = jp.play_greedy(encoder, actor, args, episodes=2, seed=5, gif_path=gif)
+    envs = jp.make_envs(2)
+    state, _ = envs.reset(seed=5)
+    states, done = [state[0]], False
+    while not done:
+        state, reward, terminated, truncated, _ = envs.step(np.array([1, 1]))
+        states.append(state[0])
+        done = terminated[0] or truncated[0]
+    envs.close()
+    with Image.open(gif) as image:  # Pillow merges identical neighbouring frames, adding up their durations
+        durations = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            durations.append(image.info["duration"])
+        last = np.array(image.convert("L"))
+    assert sum(durations) == 20 * len(states)  # the first state and one per step, the terminal one included
+    expected = jp.render_cartpole(torch.tensor(np.array(states[-1:]), dtype=torch.float32), 160, 600)[0].numpy()
+    assert np.abs(last.astype(int) - expected).max() <= 1
+    assert 1 < mean_return < 30  # pushing right only falls within a few dozen steps
 
 
 def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
@@ -872,6 +946,11 @@ def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):
     assert tensors.shape == (jp.PROBE_STATES, 64) and np.isfinite(tensors).all()
     metadata = open(os.path.join(last, "metadata.tsv")).read().splitlines()
     assert metadata[0].split("\t") == jp.STATE_VARIABLES and len(metadata) == jp.PROBE_STATES + 1
+    probe_stacks, probe_states = jp.make_probe_set(1, 32, 96, "cpu")
+    np.testing.assert_allclose(np.array([row.split("\t") for row in metadata[1:]], dtype=float), probe_states.numpy(), rtol=1e-5)
+    _, encoder, _ = jp.load_policy(os.path.join(run_dir, "model.pt"), "cpu")  # the last snapshot is of the final encoder
+    with torch.no_grad():
+        np.testing.assert_allclose(tensors, encoder(probe_stacks).numpy(), rtol=1e-4, atol=1e-4)
     os.remove(os.path.join(run_dir, "greedy_episode.gif"))
     (checkpoint,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
     saved = torch.load(checkpoint)
@@ -904,8 +983,23 @@ def test_plot_statistics_iqm_and_bootstrap_interval():
     sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
     import plot
     assert plot.iqm(np.array([1.0, 2, 3, 4, 100])) == 3.0  # the outlier and the lowest seed are cut
-    assert plot.iqm(np.array([4.0, 1, 3, 2])) == 2.5
+    assert plot.iqm(np.array([70.0, 0, 1, 2, 10, 11, 50, 60])) == (2 + 10 + 11 + 50) / 4  # not the median (10.5)
     low, high = plot.bootstrap_ci(np.array([1.0, 2, 3, 4, 5]), np.mean)
     assert 1.0 < low < 3.0 < high < 5.0
+    narrow_low, narrow_high = plot.bootstrap_ci(np.array([1.0, 2, 3, 4, 5]), np.mean, level=0.5)
+    assert low < narrow_low < narrow_high < high
     curves_low, curves_high = plot.bootstrap_ci(np.array([[0.0, 10], [2, 10], [4, 10]]), np.mean)  # per step
     assert curves_low[1] == curves_high[1] == 10 and curves_low[0] < 2 < curves_high[0]
+
+
+def test_plot_refuses_two_runs_of_one_configuration_and_seed(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
+    import plot
+    from torch.utils.tensorboard import SummaryWriter
+    for stamp in ["1", "2"]:  # a rerun: same configuration, same seed
+        writer = SummaryWriter(str(tmp_path / f"reproduce__jepa-rlgrad-novar__s3__{stamp}"))
+        writer.add_scalar("charts/SPS", 300, 100_000)
+        writer.close()
+    with pytest.raises(SystemExit) as exit_info:
+        plot.load_sweep(str(tmp_path))
+    assert "two finished runs" in str(exit_info.value.code) and "s3" in str(exit_info.value.code)

@@ -4,6 +4,7 @@
 #
 #   PYTHON=.venv/bin/python bash scripts/ablation.sh --jobs 2            # logs in runs/ablation/<ingredient>
 #   bash scripts/ablation.sh --only "defaults no-ink" --dry-run          # print some of the commands
+#   bash scripts/ablation.sh --only "defaults no-ink" --configs 1 --logdir runs/ablation_config1   # configuration 1 too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ jobs=2
 seeds="6 7 8"
 logdir=runs/ablation
 only=""
+configs="2 3"
 dry_run=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -18,8 +20,9 @@ while [ $# -gt 0 ]; do
     --seeds) seeds="$2"; shift 2 ;;
     --logdir) logdir="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
+    --configs) configs="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"6 7 8\", --logdir DIR, --only \"NAME ...\", --dry-run)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"6 7 8\", --logdir DIR, --only \"NAME ...\", --configs \"2 3\", --dry-run)" >&2; exit 2 ;;
   esac
 done
 
@@ -37,7 +40,7 @@ commands=""
 for name in $names; do
   [ -n "${ingredients[$name]+set}" ] || { echo "error: --only takes names from: ${!ingredients[*]}, got '$name'" >&2; exit 2; }
   [ "$dry_run" = 1 ] || mkdir -p "$logdir/$name"
-  commands+=$(bash scripts/reproduce.sh --dry-run --configs "2 3" --seeds "$seeds" --logdir "$logdir/$name" \
+  commands+=$(bash scripts/reproduce.sh --dry-run --configs "$configs" --seeds "$seeds" --logdir "$logdir/$name" \
     --flags "--total-timesteps 50000 ${ingredients[$name]}")$'\n'
 done
 if [ "$dry_run" = 1 ]; then

@@ -1,8 +1,8 @@
 """The configuration-3 ablation table from the logs of scripts/ablation.sh.
 
-    python scripts/ablation_table.py runs/ablation [--steps 50000] [--csv docs/ablation.csv] [--plot docs/ablation.png]
+    python scripts/ablation_table.py runs/ablation runs/ablation_config1 [--steps 50000] [--csv F] [--plot F]
 
-Reads <logdir>/<ingredient>/<run directories> and prints, per ingredient and configuration (mean over seeds
+Reads <logdir>/<ingredient>/<run directories> (of every log directory given) and prints, per ingredient and configuration (mean over seeds
 unless said otherwise):
   final return     mean return of the episodes that end in the last 10k steps (per seed, then mean +- std)
   pre-LN variance  embedding/variance_pre_ln (the CLS output before the final LayerNorm): lowest over the run
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot import read_run, running_mean  # noqa: E402
 
-CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
+CONFIGURATIONS = {"nojepa-rlgrad-novar": "1", "jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
 
 
 def summarize(run, steps):
@@ -48,13 +48,13 @@ def summarize(run, steps):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("logdir", help="directory with one subdirectory of runs per ingredient (scripts/ablation.sh)")
+    parser.add_argument("logdirs", nargs="+", help="directories with one subdirectory of runs per ingredient (scripts/ablation.sh)")
     parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
     parser.add_argument("--csv", help="also write one row per run to this file")
     parser.add_argument("--plot", help="also draw return and variance curves (mean over seeds) to this file")
     opts = parser.parse_args()
     rows, per_run = [], []
-    for ingredient_dir in sorted(glob.glob(os.path.join(opts.logdir, "*/"))):
+    for ingredient_dir in sorted(d for logdir in opts.logdirs for d in glob.glob(os.path.join(logdir, "*/"))):
         ingredient = os.path.basename(os.path.normpath(ingredient_dir))
         for configuration, number in CONFIGURATIONS.items():
             runs = {}
@@ -93,7 +93,7 @@ if __name__ == "__main__":
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(2, 3, figsize=(17, 8), constrained_layout=True, sharex=True)
+        fig, axes = plt.subplots(3, 3, figsize=(17, 11), constrained_layout=True, sharex=True)
         ingredients = list(dict.fromkeys(r[0] for r in rows))
         colors = dict(zip(ingredients, plt.cm.tab10.colors))
         panels = [("return_curve", "running mean return (20 episodes)"), ("variance_curve", "embedding/variance (s_x)"),

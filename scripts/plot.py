@@ -104,18 +104,20 @@ def summarize_run(run):
 
 
 def load_sweep(logdir):
-    sweep = {}
+    finished = {}  # (configuration, seed) -> (run directory, its scalars)
     for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
         configuration, seed = os.path.basename(run_dir).split("__")[1:3]
         run = read_run(run_dir)
         if "charts/SPS" not in run or run["charts/SPS"][0][-1] < 99_000:
             print(f"skipped, not finished: {run_dir}")
             continue
-        runs = sweep.setdefault(configuration, {})
-        if int(seed[1:]) in runs:
-            sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir} ({runs[int(seed[1:])]['run_dir']} "
+        if (configuration, seed) in finished:
+            sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir} ({finished[configuration, seed][0]} "
                      f"and {run_dir}); a sweep holds one run per configuration and seed: move one away")
-        runs[int(seed[1:])] = {**summarize_run(run), "run_dir": run_dir}
+        finished[configuration, seed] = (run_dir, run)
+    sweep = {}
+    for (configuration, seed), (_, run) in finished.items():
+        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize_run(run)
     return sweep
 
 
@@ -144,6 +146,7 @@ def table_rows(sweep):
             "auc_mean": round(col("auc").mean(), 1),
             "auc_mean_ci95": interval(col("auc"), np.mean),
             "auc_iqm": round(float(iqm(col("auc"))), 1),
+            "auc_iqm_ci95": interval(col("auc"), iqm),
             "embedding_variance": f"{np.mean(col('variance')):.2e}",
             "lowest_embedding_variance": f"{np.median(col('lowest_variance')):.1e}",
             "variance_pre_ln": f"{np.median(col('variance_pre_ln')):.2e}",
@@ -155,7 +158,7 @@ def table_rows(sweep):
 
 def markdown(rows):
     header = ("| configuration | paper, return at 100k | final return: mean +- std [95% CI] | final return: IQM [95% CI] "
-              "| median steps to 400 (runs) | AUC: mean [95% CI] "
+              "| median steps to 400 (runs) | AUC: mean [95% CI] | AUC: IQM [95% CI] "
               "| embedding variance: final, lowest | pre-LN variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -163,7 +166,7 @@ def markdown(rows):
         to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
                      f"{r['final_return_mean_ci95']} | {r['final_return_iqm']} {r['final_return_iqm_ci95']} "
-                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
+                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['auc_iqm']} {r['auc_iqm_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
                      f"{r['variance_pre_ln']}, {r['lowest_variance_pre_ln']} | "
                      + " | ".join(f"{r[f'onpolicy_r2_{name}']} / {r[f'r2_{name}']}" for name in STATE_VARIABLES) + " |")
     return "\n".join(lines)
