@@ -916,7 +916,7 @@ if __name__ == "__main__":
 
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss", "clipfrac"]:
-                writer.add_scalar(f"losses/{name}", float(losses[name]), global_step)
+                writer.add_scalar(f"losses/{name}", float(losses[name].detach()) if torch.is_tensor(losses[name]) else losses[name], global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
             for name in ["encoder", "predictor", "actor", "critic"]:
                 writer.add_scalar(f"grad_norm/{name}", losses[f"grad_norm_{name}"].item(), global_step)
