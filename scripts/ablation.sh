@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# name -> the one flag that differs from the defaults
+# name -> the flags that differ from the defaults
 declare -A ingredients=(
   [defaults]=""
   [no-ink]="--no-ink"
@@ -34,8 +34,10 @@ declare -A ingredients=(
   [weight-decay]="--weight-decay 0.4"
   [fresh-targets]="--fresh-targets"
   [ema-per-iteration]="--ema-per-iteration"
+  [no-ink-no-final-ln]="--no-ink --no-final-ln"   # raw intensity, judged on the embedding before any normalisation
+  [ema-tau-0]="--ema-tau 0"                        # the target a copy of the x-encoder at every step
 )
-names="${only:-defaults fresh-targets no-ink no-final-ln weight-decay ema-per-iteration}"
+names="${only:-defaults fresh-targets no-ink no-final-ln weight-decay ema-per-iteration no-ink-no-final-ln ema-tau-0}"
 commands=""
 for name in $names; do
   [ -n "${ingredients[$name]+set}" ] || { echo "error: --only takes names from: ${!ingredients[*]}, got '$name'" >&2; exit 2; }

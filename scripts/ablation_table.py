@@ -69,7 +69,7 @@ if __name__ == "__main__":
                                 **{k: v for k, v in runs[seed].items() if not isinstance(v, np.ndarray)}})
             if runs:
                 rows.append((ingredient, number, runs))
-    order = ["defaults", "no-ink", "no-final-ln", "weight-decay", "fresh-targets", "ema-per-iteration"]
+    order = ["defaults", "no-ink", "no-final-ln", "no-ink-no-final-ln", "weight-decay", "fresh-targets", "ema-per-iteration", "ema-tau-0"]
     rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[0], r[1]))
     print("| change | config | seeds | final return (mean +- std; per seed) | pre-LN variance: lowest, end | variance: lowest, end "
           "| collapsed iterations | effective rank: lowest, end | LN gain norm, end |")
