@@ -915,8 +915,9 @@ if __name__ == "__main__":
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss", "clipfrac"]:
-                writer.add_scalar(f"losses/{name}", float(losses[name].detach()) if torch.is_tensor(losses[name]) else losses[name], global_step)
+            for name in ["value_loss", "policy_loss", "entropy", "approx_kl", "jepa_loss", "var_loss"]:
+                writer.add_scalar(f"losses/{name}", losses[name].item(), global_step)
+            writer.add_scalar("losses/clipfrac", losses["clipfrac"], global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
             for name in ["encoder", "predictor", "actor", "critic"]:
                 writer.add_scalar(f"grad_norm/{name}", losses[f"grad_norm_{name}"].item(), global_step)
@@ -928,10 +929,13 @@ if __name__ == "__main__":
                 writer.add_scalar("embedding/target_variance", embedding_variance(batch["targets"]).item(), global_step)
             writer.add_scalar("embedding/collapsed", float(variance < 1e-7), global_step)
             writer.add_scalar("embedding/effective_rank", effective_rank(b_embeddings), global_step)
-            if (iteration - 1) % args.probe_every == 0 or iteration == args.num_iterations:
-                t0 = time.perf_counter()
+            last = iteration == args.num_iterations
+            probe_now, images_now = (iteration - 1) % args.probe_every == 0 or last, (iteration - 1) % args.image_every == 0 or last
+            t0 = time.perf_counter()
+            if probe_now or images_now:
                 with torch.no_grad():
-                    probe_embeddings = encoder(probe_stacks)
+                    probe_embeddings = encoder(probe_stacks)  # (PROBE_STATES, D), for the probe and the projector
+            if probe_now:
                 half = PROBE_STATES // 2
                 r2 = probe_r2(probe_embeddings[:half], probe_states[:half], probe_embeddings[half:], probe_states[half:])
                 for name, value in zip(STATE_VARIABLES, r2):
@@ -940,14 +944,12 @@ if __name__ == "__main__":
                     for name, value in zip(STATE_VARIABLES, onpolicy_probe_r2(encoder, onpolicy_pool)):
                         writer.add_scalar(f"probe/onpolicy_r2_{name}", value, global_step)
                 timings["probe"] += time.perf_counter() - t0
-            if (iteration - 1) % args.image_every == 0 or iteration == args.num_iterations:
+            if images_now:
                 shown = probe_stacks[:IMAGE_STACKS]
                 if args.encoder == "vit":
                     writer.add_image("attention/cls_to_patches", attention_image(shown, cls_attention(encoder, shown)), global_step)
-                with torch.no_grad():
-                    embedded = encoder(probe_stacks)
                 # colour the points by any state variable in TensorBoard's projector; thumbnails show the last frame
-                writer.add_embedding(embedded, metadata=probe_states.tolist(), metadata_header=STATE_VARIABLES,
+                writer.add_embedding(probe_embeddings, metadata=probe_states.tolist(), metadata_header=STATE_VARIABLES,
                                      label_img=probe_stacks[:, 2:].float() / 255, global_step=global_step, tag="probe_set")
             elapsed = time.time() - start_time
             sps = int(global_step / elapsed)
