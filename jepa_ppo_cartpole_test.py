@@ -1003,3 +1003,26 @@ def test_plot_refuses_two_runs_of_one_configuration_and_seed(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         plot.load_sweep(str(tmp_path))
     assert "two finished runs" in str(exit_info.value.code) and "s3" in str(exit_info.value.code)
+
+
+def test_compare_puts_each_sweep_of_a_configuration_on_its_own_row(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
+    import compare
+    import plot
+    from torch.utils.tensorboard import SummaryWriter
+    final = {("vit", 1): 100.0, ("vit", 2): 200.0, ("cnn", 1): 450.0, ("cnn", 2): 410.0}
+    for (encoder, seed), value in final.items():
+        writer = SummaryWriter(str(tmp_path / encoder / f"reproduce__nojepa-rlgrad-novar__s{seed}__1"))
+        for step in range(5_000, 100_001, 5_000):  # the last two episodes end in 90k-100k
+            writer.add_scalar("charts/episodic_return", value if step > 90_000 else 20.0, step)
+            for tag in ["charts/SPS", "embedding/variance", "embedding/effective_rank", "losses/jepa_loss"]:
+                writer.add_scalar(tag, 1.0, step)
+            for name in plot.STATE_VARIABLES:
+                for probe in plot.PROBES:
+                    writer.add_scalar(f"probe/{probe}r2_{name}", 0.5, step)
+        writer.close()
+    sweeps = [("ViT", plot.load_sweep(str(tmp_path / "vit"))), ("CNN", plot.load_sweep(str(tmp_path / "cnn")))]
+    table = compare.rows(sweeps).splitlines()
+    assert table[2].startswith("| 1: RL gradient only | ViT | 1 2 | 150.0 +- 50.0 ")
+    assert table[3].startswith("| 1: RL gradient only | CNN | 1 2 | 430.0 +- 20.0 ")
+    assert len(table) == 4  # no row for configurations without runs

@@ -1,0 +1,76 @@
+"""Two or more sweeps side by side (for example the ViT and `--encoder cnn`), per configuration.
+
+    pip install matplotlib==3.11.2        # this script only
+    python scripts/compare.py runs/reproduce:ViT runs/reproduce_cnn:CNN --out docs/vit_vs_cnn.png
+
+Each argument is LOGDIR:LABEL, a sweep written by scripts/reproduce.sh. The statistics are those of
+scripts/plot.py (final return = mean of the episodes ending in 90k-100k steps; IQM and 95% bootstrap
+intervals over seeds); the figure draws, per configuration, each sweep's mean running return with the
+bootstrap interval of the mean as a band. Prints the table as Markdown.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot import CONFIGURATIONS, GRID, bootstrap_ci, iqm, load_sweep  # noqa: E402
+
+
+def rows(sweeps):
+    lines = ["| configuration | encoder | seeds | final return: mean +- std [95% CI] | final return: IQM [95% CI] "
+             "| AUC: mean [95% CI] | runs reaching 400 (median steps) |", "|---|---|---|---|---|---|---|"]
+    for configuration, label, _ in CONFIGURATIONS:
+        for name, sweep in sweeps:
+            runs = sweep.get(configuration)
+            if not runs:
+                continue
+            finals = np.array([run["final_return"] for run in runs.values()])
+            auc = np.array([run["auc"] for run in runs.values()])
+            to_400 = np.array([run["steps_to_400"] for run in runs.values()])
+            reached = np.isfinite(to_400)
+            ci = lambda x, statistic: "[{:.1f}, {:.1f}]".format(*bootstrap_ci(x, statistic))
+            median_400 = f"{np.median(to_400) / 1000:.1f}k" if reached.sum() * 2 > len(to_400) else "-"
+            lines.append(f"| {label} | {name} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std():.1f} "
+                         f"{ci(finals, np.mean)} | {iqm(finals):.1f} {ci(finals, iqm)} | {auc.mean():.1f} {ci(auc, np.mean)} "
+                         f"| {reached.sum()}/{len(to_400)} ({median_400}) |")
+    return "\n".join(lines)
+
+
+def plot(sweeps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True, constrained_layout=True)
+    for ax, (configuration, label, _) in zip(axes, CONFIGURATIONS):
+        for (name, sweep), color in zip(sweeps, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+            if configuration not in sweep:
+                continue
+            curves = np.stack([run["return_curve"] for run in sweep[configuration].values()])
+            ax.plot(GRID, curves.mean(0), color=color, label=f"{name} ({len(curves)} seeds)")
+            ax.fill_between(GRID, *bootstrap_ci(curves, np.mean), color=color, alpha=0.2)
+        ax.set_title(label)
+        ax.set_xlabel("environment steps")
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("running mean return (last 20 episodes)")
+    fig.suptitle("Encoders side by side: mean over seeds (line), 95% bootstrap interval of the mean (band)")
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sweeps", nargs="+", help="LOGDIR:LABEL, one per sweep")
+    parser.add_argument("--out", default="docs/vit_vs_cnn.png", help="the figure's path")
+    opts = parser.parse_args()
+    sweeps = []
+    for spec in opts.sweeps:
+        logdir, sep, name = spec.rpartition(":")
+        if not sep or not logdir or not name:
+            sys.exit(f"error: each sweep is LOGDIR:LABEL, got '{spec}'")
+        sweeps.append((name, load_sweep(logdir)))
+    plot(sweeps, opts.out)
+    print(rows(sweeps))
