@@ -143,6 +143,7 @@ def table_rows(sweep):
             "final_return_iqm_ci95": interval(finals, iqm),
             "median_steps_to_400": np.median(to_400) if reached.any() else "never",
             "runs_reaching_400": f"{reached.sum()}/{len(to_400)}",
+            "aucs": " ".join(f"{a:.1f}" for a in col("auc")),
             "auc_mean": round(col("auc").mean(), 1),
             "auc_mean_ci95": interval(col("auc"), np.mean),
             "auc_iqm": round(float(iqm(col("auc"))), 1),
