@@ -164,7 +164,7 @@ def markdown(rows):
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         to_400 = r["median_steps_to_400"]
-        to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k"
+        to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k" if np.isfinite(to_400) else "-"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
                      f"{r['final_return_mean_ci95']} | {r['final_return_iqm']} {r['final_return_iqm_ci95']} "
                      f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['auc_iqm']} {r['auc_iqm_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
