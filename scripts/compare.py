@@ -32,7 +32,7 @@ def rows(sweeps):
             to_400 = np.array([run["steps_to_400"] for run in runs.values()])
             reached = np.isfinite(to_400)
             ci = lambda x, statistic: "[{:.1f}, {:.1f}]".format(*bootstrap_ci(x, statistic))
-            median_400 = f"{np.median(to_400) / 1000:.1f}k" if reached.sum() * 2 > len(to_400) else "-"
+            median_400 = f"{np.median(to_400) / 1000:.1f}k" if np.isfinite(np.median(to_400)) else "-"
             lines.append(f"| {label} | {name} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std():.1f} "
                          f"{ci(finals, np.mean)} | {iqm(finals):.1f} {ci(finals, iqm)} | {auc.mean():.1f} {ci(auc, np.mean)} "
                          f"| {reached.sum()}/{len(to_400)} ({median_400}) |")
