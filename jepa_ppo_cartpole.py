@@ -108,6 +108,10 @@ class Args:
     """width of a frame in pixels (the full 600-pixel track, scaled)"""
     patch_size: int = 16
     """side of a square ViT patch; must divide the frame height and width"""
+    patch_embed: Literal["linear", "conv"] = "linear"
+    """how the ViT turns a patch into a token: the paper's linear projection, or (beyond the paper) a small
+    convolutional stem (Xiao et al. 2021): log2(--patch-size) 3x3 stride-2 convolutions with ReLU, then a 1x1
+    convolution to --embed-dim; the tokens and their positions stay as they are"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -190,6 +194,8 @@ def check_args(args: Args) -> Optional[str]:
     for name in ["frame_height", "frame_width"]:
         if getattr(args, name) % args.patch_size:
             return f"--{name.replace('_', '-')} ({getattr(args, name)}) must be divisible by --patch-size ({args.patch_size})"
+    if args.patch_embed == "conv" and args.patch_size & (args.patch_size - 1):
+        return f"--patch-embed conv needs a power of two for --patch-size, got {args.patch_size}"
     if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
         return f"--encoder cnn needs frames of at least 16 x 16 pixels, got --frame-height {args.frame_height} --frame-width {args.frame_width}"
     if args.embed_dim % args.num_heads:
@@ -392,7 +398,12 @@ class ViTEncoder(nn.Module):
         p, d = args.patch_size, args.embed_dim
         self.patch_size, self.rows, self.cols = p, args.frame_height // p, args.frame_width // p
         self.frames_per_token = 3 if args.tubelets else 1
-        self.patch_embed = nn.Linear(self.frames_per_token * p * p, d)
+        if args.patch_embed == "linear":
+            self.patch_embed = nn.Linear(self.frames_per_token * p * p, d)
+        else:  # each stride-2 convolution halves the grid: log2(p) of them turn a p x p patch into one token
+            widths = [self.frames_per_token] + [min(16 * 2**i, d) for i in range(int(math.log2(p)))]
+            convs = [layer for c_in, c_out in zip(widths, widths[1:]) for layer in (nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU())]
+            self.patch_embed = nn.Sequential(*convs, nn.Conv2d(widths[-1], d, 1))
         # positional encoding over (frame, row, column): a learned table per axis, summed (a tubelet spans
         # all frames, so its frame table has one row)
         self.frame_pos = nn.Parameter(0.02 * torch.randn(3 // self.frames_per_token, 1, 1, d))
@@ -403,16 +414,22 @@ class ViTEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(d) if args.final_ln else nn.Identity()
         self.ink = args.ink
 
-    def pre_norm(self, frames):
-        """(B, 3, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
-        B, p = frames.shape[0], self.patch_size
+    def embed_patches(self, frames):
+        """(B, 3, H, W) uint8 -> tokens (B, n, rows, cols, D), n = 3 per-frame tokens or 1 tubelet per patch position."""
+        B, p, n = frames.shape[0], self.patch_size, 3 // self.frames_per_token
+        if isinstance(self.patch_embed, nn.Sequential):  # the convolutional stem sees whole frames (or stacks)
+            grid = self.patch_embed(to_pixels(frames, self.ink).view(B * n, self.frames_per_token, *frames.shape[2:]))
+            return grid.view(B, n, -1, self.rows, self.cols).permute(0, 1, 3, 4, 2)
         patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, 3, rows, cols, p, p)
         if self.frames_per_token == 3:  # a tubelet holds its patch in frames t-2, t-1, t side by side
             patches = patches.permute(0, 2, 3, 1, 4, 5)[:, None]  # (B, 1, rows, cols, 3, p, p)
-        n = 3 // self.frames_per_token  # tokens per patch position
         # uint8 rearranged first (a cheap copy), then turned into floats in one operation
-        tokens = self.patch_embed(to_pixels(patches.reshape(B, n, self.rows, self.cols, -1), self.ink))  # (B, n, rows, cols, D)
-        tokens = (tokens + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, n * rows * cols, D)
+        return self.patch_embed(to_pixels(patches.reshape(B, n, self.rows, self.cols, -1), self.ink))
+
+    def pre_norm(self, frames):
+        """(B, 3, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
+        B = frames.shape[0]
+        tokens = (self.embed_patches(frames) + self.frame_pos + self.row_pos + self.col_pos).flatten(1, 3)  # (B, n * rows * cols, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
