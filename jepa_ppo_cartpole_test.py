@@ -268,6 +268,23 @@ def test_tubelets_make_one_token_per_patch_position_that_sees_all_frames():
     assert not torch.allclose(encoder(stacks), encoder(stacks.flip(1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("tubelets", [False, True])
+def test_conv_stem_makes_the_same_tokens_as_the_linear_patch_embedding(tubelets):
+    args, encoder, *_ = make_models(patch_embed="conv", tubelets=tubelets)
+    _, linear, *_ = make_models(tubelets=tubelets)
+    stacks = fake_minibatch(args, n=2)["stacks"]
+    tokens = encoder.embed_patches(stacks)
+    assert tokens.shape == linear.embed_patches(stacks).shape == (2, 1 if tubelets else 3, 2, 6, args.embed_dim)
+    assert tokens_seen(encoder, stacks) == tokens_seen(linear, stacks)
+    changed = stacks.clone()
+    changed[:, 0] = 255 - changed[:, 0]  # only the oldest frame changes
+    moved = encoder.embed_patches(changed)
+    if tubelets:  # a tubelet sees all three frames
+        assert not torch.allclose(moved, tokens)
+    else:  # a per-frame token comes from its own frame alone, as with the linear embedding
+        assert not torch.allclose(moved[:, 0], tokens[:, 0]) and torch.equal(moved[:, 1:], tokens[:, 1:])
+
+
 @pytest.mark.parametrize("encoder_type", ["vit", "cnn"])
 @pytest.mark.parametrize("ink, white", [(True, 0.0), (False, 1.0)])
 def test_encoder_reads_ink_or_raw_intensity(ink, white, encoder_type):
@@ -680,6 +697,8 @@ def test_update_stops_on_a_non_finite_loss():
     (["--probe-every", "0"], "--probe-every"),
     (["--image-every", "0"], "--image-every"),
     (["--encoder", "mlp"], "--encoder"),
+    (["--patch-embed", "conv", "--patch-size", "6", "--frame-height", "36"], "--patch-embed conv"),
+    (["--patch-embed", "cnn"], "--patch-embed"),
     (["--encoder", "cnn", "--patch-size", "4", "--frame-height", "12"], "--encoder cnn"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),

@@ -1,0 +1,74 @@
+"""The screening table: one row per candidate setting, each a directory of runs over a few seeds.
+
+    python scripts/screen.py runs/screen/vit runs/screen/cnn ...      # one directory per candidate
+
+Every run directory under a candidate's directory counts (any configuration; one run per seed). Runs of any
+length compare: with T the run's last logged step,
+  final return    mean return of the episodes that end in the last tenth of the run (T - T/10, T]
+  AUC             the running mean of the last 20 episodes, averaged over steps 0-T
+  steps to 400    first step at which that running mean reaches 400 (a full window of 20 episodes)
+Prints per candidate the per-seed values and, as the screening protocol asks, mean +- standard error over seeds.
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot import read_run, running_mean  # noqa: E402
+
+
+def summarize(run):
+    steps, returns = run["charts/episodic_return"]
+    total = run["charts/SPS"][0][-1]
+    rm_steps, rm = running_mean(steps, returns)
+    full = np.flatnonzero((rm >= 400) & (np.arange(len(rm)) >= 19))
+    grid = np.linspace(0, total, 101)
+    return {
+        "total": int(total),
+        "final": float(returns[steps > 0.9 * total].mean()),
+        "auc": float(np.interp(grid, rm_steps, rm, left=rm[0]).mean()),
+        "to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
+    }
+
+
+def mean_se(x):
+    x = np.asarray(x, dtype=float)
+    se = x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return f"{x.mean():.1f} +- {se:.1f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("candidates", nargs="+", help="one directory of runs per candidate setting")
+    args = parser.parse_args()
+    print("| candidate | steps | seeds | final return per seed | final return: mean +- s.e. | AUC: mean +- s.e. "
+          "| steps to 400 per seed |")
+    print("|---|---|---|---|---|---|---|")
+    for candidate in args.candidates:
+        runs = {}
+        for run_dir in sorted(glob.glob(os.path.join(candidate, "*__*__s*__*"))):
+            run = read_run(run_dir)
+            if "charts/SPS" not in run:
+                continue
+            seed = int(os.path.basename(run_dir).split("__")[2][1:])
+            if seed in runs:
+                sys.exit(f"error: two runs with seed {seed} in {candidate}: move one away")
+            runs[seed] = summarize(run)
+        if not runs:
+            print(f"| {candidate} | no runs |")
+            continue
+        seeds = sorted(runs)
+        totals = {runs[s]["total"] for s in seeds}
+        finals = " ".join(f"{runs[s]['final']:.1f}" for s in seeds)
+        to_400 = " ".join("-" if np.isinf(runs[s]["to_400"]) else f"{runs[s]['to_400'] / 1000:.1f}k" for s in seeds)
+        print(f"| {os.path.basename(candidate.rstrip('/'))} | {'/'.join(f'{t // 1000}k' for t in sorted(totals))} "
+              f"| {' '.join(map(str, seeds))} | {finals} "
+              f"| {mean_se([runs[s]['final'] for s in seeds])} | {mean_se([runs[s]['auc'] for s in seeds])} | {to_400} |")
+
+
+if __name__ == "__main__":
+    main()
