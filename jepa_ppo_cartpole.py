@@ -402,8 +402,10 @@ class ViTEncoder(nn.Module):
             self.patch_embed = nn.Linear(self.frames_per_token * p * p, d)
         else:  # each stride-2 convolution halves the grid: log2(p) of them turn a p x p patch into one token
             widths = [self.frames_per_token] + [min(16 * 2**i, d) for i in range(int(math.log2(p)))]
-            convs = [layer for c_in, c_out in zip(widths, widths[1:]) for layer in (nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU())]
-            self.patch_embed = nn.Sequential(*convs, nn.Conv2d(widths[-1], d, 1))
+            convs = [layer for c_in, c_out in zip(widths, widths[1:]) for layer in (layer_init(nn.Conv2d(c_in, c_out, 3, 2, 1)), nn.ReLU())]
+            # orthogonal init, as CleanRL's convolutions: with PyTorch's default the mostly empty frames leave the tokens'
+            # input-dependent part about 100 times smaller than the linear embedding's, and every configuration collapses
+            self.patch_embed = nn.Sequential(*convs, layer_init(nn.Conv2d(widths[-1], d, 1)))
         # positional encoding over (frame, row, column): a learned table per axis, summed (a tubelet spans
         # all frames, so its frame table has one row)
         self.frame_pos = nn.Parameter(0.02 * torch.randn(3 // self.frames_per_token, 1, 1, d))

@@ -285,6 +285,16 @@ def test_conv_stem_makes_the_same_tokens_as_the_linear_patch_embedding(tubelets)
         assert not torch.allclose(moved[:, 0], tokens[:, 0]) and torch.equal(moved[:, 1:], tokens[:, 1:])
 
 
+@pytest.mark.parametrize("patch_embed", ["linear", "conv"])
+def test_untrained_embedding_tells_frames_apart(patch_embed):
+    """At initialisation the embedding must vary with the frames: an embedding that starts near one point for all
+    frames collapses in every configuration (the conv stem with PyTorch's default init started at 1e-5)."""
+    args, encoder, *_ = make_models(patch_embed=patch_embed)
+    stacks, _ = jp.make_probe_set(0, args.frame_height, args.frame_width, "cpu")
+    with torch.no_grad():
+        assert jp.embedding_variance(encoder(stacks[:128])).item() > 3e-3
+
+
 @pytest.mark.parametrize("encoder_type", ["vit", "cnn"])
 @pytest.mark.parametrize("ink, white", [(True, 0.0), (False, 1.0)])
 def test_encoder_reads_ink_or_raw_intensity(ink, white, encoder_type):
