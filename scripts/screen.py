@@ -5,6 +5,7 @@
 Every run directory under a candidate's directory counts (any configuration; one run per seed). Runs of any
 length compare: with T the run's last logged step,
   final return    mean return of the episodes that end in the last tenth of the run (T - T/10, T]
+  halfway return  the same for the tenth before the middle (0.4 T, 0.5 T]: at 50k steps in a 100k-step run
   AUC             the running mean of the last 20 episodes, averaged over steps 0-T
   steps to 400    first step at which that running mean reaches 400 (a full window of 20 episodes)
 Prints per candidate the per-seed values and, as the screening protocol asks, mean +- standard error over seeds.
@@ -30,6 +31,7 @@ def summarize(run):
     return {
         "total": int(total),
         "final": float(returns[steps > 0.9 * total].mean()),
+        "halfway": float(returns[(steps > 0.4 * total) & (steps <= 0.5 * total)].mean()),
         "auc": float(np.interp(grid, rm_steps, rm, left=rm[0]).mean()),
         "to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
     }
@@ -45,9 +47,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", nargs="+", help="one directory of runs per candidate setting")
     args = parser.parse_args()
-    print("| candidate | steps | seeds | final return per seed | final return: mean +- s.e. | AUC: mean +- s.e. "
-          "| steps to 400 per seed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| candidate | steps | seeds | final return per seed | final return: mean +- s.e. | halfway return: mean +- s.e. "
+          "| AUC: mean +- s.e. | steps to 400 per seed |")
+    print("|---|---|---|---|---|---|---|---|")
     for candidate in args.candidates:
         runs = {}
         for run_dir in sorted(glob.glob(os.path.join(candidate, "*__*__s*__*"))):
@@ -67,7 +69,8 @@ def main():
         to_400 = " ".join("-" if np.isinf(runs[s]["to_400"]) else f"{runs[s]['to_400'] / 1000:.1f}k" for s in seeds)
         print(f"| {os.path.basename(candidate.rstrip('/'))} | {'/'.join(f'{t // 1000}k' for t in sorted(totals))} "
               f"| {' '.join(map(str, seeds))} | {finals} "
-              f"| {mean_se([runs[s]['final'] for s in seeds])} | {mean_se([runs[s]['auc'] for s in seeds])} | {to_400} |")
+              f"| {mean_se([runs[s]['final'] for s in seeds])} "
+              f"| {mean_se([runs[s]['halfway'] for s in seeds])} | {mean_se([runs[s]['auc'] for s in seeds])} | {to_400} |")
 
 
 if __name__ == "__main__":
