@@ -109,9 +109,10 @@ class Args:
     patch_size: int = 16
     """side of a square ViT patch; must divide the frame height and width"""
     patch_embed: Literal["linear", "conv"] = "linear"
-    """how the ViT turns a patch into a token: the paper's linear projection, or (beyond the paper) a small
-    convolutional stem (Xiao et al. 2021): log2(--patch-size) 3x3 stride-2 convolutions with ReLU, then a 1x1
-    convolution to --embed-dim; the tokens and their positions stay as they are"""
+    """how the ViT turns patches into tokens: the paper's linear projection of each patch, or (beyond the paper) a
+    small convolutional stem after Xiao et al. 2021 (without their BatchNorm): log2(--patch-size) 3x3 stride-2
+    convolutions with ReLU, then a 1x1 convolution to --embed-dim. Its tokens lie on the same grid with the same
+    positions, but each sees a window around its patch's corner that overlaps its neighbours' (31 x 31 pixels at 16)"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -403,8 +404,8 @@ class ViTEncoder(nn.Module):
         else:  # each stride-2 convolution halves the grid: log2(p) of them turn a p x p patch into one token
             widths = [self.frames_per_token] + [min(16 * 2**i, d) for i in range(int(math.log2(p)))]
             convs = [layer for c_in, c_out in zip(widths, widths[1:]) for layer in (layer_init(nn.Conv2d(c_in, c_out, 3, 2, 1)), nn.ReLU())]
-            # orthogonal init, as CleanRL's convolutions: with PyTorch's default the mostly empty frames leave the tokens'
-            # input-dependent part about 100 times smaller than the linear embedding's, and every configuration collapses
+            # orthogonal init, as CleanRL's convolutions: with PyTorch's default the tokens' input-dependent part starts
+            # about 100 times smaller than the linear embedding's, and configuration 2's embedding collapsed
             self.patch_embed = nn.Sequential(*convs, layer_init(nn.Conv2d(widths[-1], d, 1)))
         # positional encoding over (frame, row, column): a learned table per axis, summed (a tubelet spans
         # all frames, so its frame table has one row)

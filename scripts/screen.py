@@ -2,13 +2,16 @@
 
     python scripts/screen.py runs/screen/vit runs/screen/cnn ...      # one directory per candidate
 
-Every run directory under a candidate's directory counts (any configuration; one run per seed). Runs of any
-length compare: with T the run's last logged step,
-  final return    mean return of the episodes that end in the last tenth of the run (T - T/10, T]
+Every run directory under a candidate's directory counts: one configuration, one run per seed. Runs of any
+length compare: with T the run's own steps (its --total-timesteps rounded down to whole batches, read from
+the hyperparameters it logged),
+  final return    mean return of the episodes that end in the last tenth of the run (0.9 T, T]
   halfway return  the same for the tenth before the middle (0.4 T, 0.5 T]: at 50k steps in a 100k-step run
   AUC             the running mean of the last 20 episodes, averaged over steps 0-T
   steps to 400    first step at which that running mean reaches 400 (a full window of 20 episodes)
 Prints per candidate the per-seed values and, as the screening protocol asks, mean +- standard error over seeds.
+Runs that stopped (or still run) before T are listed apart, with the step they reached, and left out of the
+statistics.
 """
 
 import argparse
@@ -17,21 +20,33 @@ import os
 import sys
 
 import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot import read_run, running_mean  # noqa: E402
 
 
-def summarize(run):
+def run_steps(run_dir):
+    """The steps a run was started for: --total-timesteps rounded down to whole batches, from its logged flags."""
+    acc = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    table = tensor_util.make_ndarray(acc.Tensors("hyperparameters/text_summary")[0].tensor_proto).item().decode()
+    flags = dict(line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+    batch = int(flags["num_envs"]) * int(flags["num_steps"])
+    return int(flags["total_timesteps"]) // batch * batch
+
+
+def summarize(run, total):
     steps, returns = run["charts/episodic_return"]
-    total = run["charts/SPS"][0][-1]
     rm_steps, rm = running_mean(steps, returns)
     full = np.flatnonzero((rm >= 400) & (np.arange(len(rm)) >= 19))
     grid = np.linspace(0, total, 101)
+    halfway = (steps > 0.4 * total) & (steps <= 0.5 * total)
     return {
         "total": int(total),
-        "final": float(returns[steps > 0.9 * total].mean()),
-        "halfway": float(returns[(steps > 0.4 * total) & (steps <= 0.5 * total)].mean()),
+        "final": float(returns[steps > 0.9 * total].mean()) if (steps > 0.9 * total).any() else float("nan"),
+        "halfway": float(returns[halfway].mean()) if halfway.any() else float("nan"),
         "auc": float(np.interp(grid, rm_steps, rm, left=rm[0]).mean()),
         "to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
     }
@@ -51,17 +66,24 @@ def main():
           "| AUC: mean +- s.e. | steps to 400 per seed |")
     print("|---|---|---|---|---|---|---|---|")
     for candidate in args.candidates:
-        runs = {}
+        runs, stopped, configurations = {}, [], set()
         for run_dir in sorted(glob.glob(os.path.join(candidate, "*__*__s*__*"))):
-            run = read_run(run_dir)
-            if "charts/SPS" not in run:
-                continue
-            seed = int(os.path.basename(run_dir).split("__")[2][1:])
+            configuration, seed = os.path.basename(run_dir).split("__")[1:3]
+            configurations.add(configuration)
+            if len(configurations) > 1:
+                sys.exit(f"error: {candidate} holds runs of more than one configuration ({', '.join(sorted(configurations))}): "
+                         "a candidate is one configuration")
+            run, total, seed = read_run(run_dir), run_steps(run_dir), int(seed[1:])
             if seed in runs:
-                sys.exit(f"error: two runs with seed {seed} in {candidate}: move one away")
-            runs[seed] = summarize(run)
+                sys.exit(f"error: two finished runs with seed {seed} in {candidate}: move one away")
+            reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
+            if reached < total:
+                stopped.append(f"seed {seed} stopped at {reached / 1000:.1f}k of {total / 1000:.1f}k")
+            else:
+                runs[seed] = summarize(run, total)
+        for line in stopped:
+            print(f"| {os.path.basename(candidate.rstrip('/'))} | {line}: left out |")
         if not runs:
-            print(f"| {candidate} | no runs |")
             continue
         seeds = sorted(runs)
         totals = {runs[s]["total"] for s in seeds}
