@@ -1059,3 +1059,35 @@ def test_compare_puts_each_sweep_of_a_configuration_on_its_own_row(tmp_path):
     assert table[2].startswith("| 1: RL gradient only | ViT | 1 2 | 150.0 +- 50.0 ")
     assert table[3].startswith("| 1: RL gradient only | CNN | 1 2 | 430.0 +- 20.0 ")
     assert len(table) == 4  # no row for configurations without runs
+
+
+def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
+    import long_runs
+    from torch.utils.tensorboard import SummaryWriter
+
+    def write_run(name, total, last_step, value_after):
+        writer = SummaryWriter(str(tmp_path / name))
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|total_timesteps|{total}|\n|num_envs|8|\n|num_steps|32|")
+        for step in [*range(1_000, last_step, 1_000), last_step]:  # an episode every 1k steps: 500 after `value_after`, else 20
+            writer.add_scalar("charts/episodic_return", 500.0 if step > value_after else 20.0, step)
+            writer.add_scalar("embedding/variance", 0.5 if step > 2_000 else 1e-9, step)
+            writer.add_scalar("embedding/collapsed", float(step <= 2_000), step)
+            writer.add_scalar("charts/SPS", 300, step)
+        writer.close()
+
+    total = 200_000 // 256 * 256  # the horizon a 200k-step run really reaches: whole batches of 256
+    write_run("long__jepa-rlgrad-novar__s1__1", 200_000, total, 150_000)
+    write_run("long__jepa-rlgrad-novar__s2__1", 200_000, total, 250_000)  # never learns
+    write_run("long__jepa-norlgrad-novar__s1__1", 200_000, 120_000, 0)  # stopped early
+    sweep, stopped = long_runs.load(str(tmp_path))
+    assert list(sweep) == ["jepa-rlgrad-novar"] and stopped == ["jepa-norlgrad-novar s1 stopped at 120.0k of 200k: left out"]
+    learner = sweep["jepa-rlgrad-novar"][1]
+    assert learner["returns"] == {100_000: 20.0, 200_000: 500.0}  # (190k, 200k] holds the episodes at 191k-199k
+    # the running mean of 20 episodes (one per 1k steps) first reaches 475 when 19 of 20 are 500: at 169k
+    assert learner["to_475"] == 169_000 and learner["to_400"] == 166_000
+    assert np.isinf(sweep["jepa-rlgrad-novar"][2]["to_400"])
+    assert learner["lowest_variance"] == pytest.approx(1e-9) and learner["collapsed"] == pytest.approx(2 / 200)
+    row = long_runs.table(sweep).splitlines()[2]
+    # one seed of two never reached a threshold: the median over both seeds is "never" too
+    assert row == "| 2: JEPA + RL gradient | 1 2 | 20.0 +- 0.0 | 260.0 +- 240.0 | 166k - (1/2; -) | 169k - (1/2; -) | 1e-09 | 1% |"

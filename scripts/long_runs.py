@@ -1,0 +1,133 @@
+"""Beyond the paper's 100k steps: when does each configuration solve CartPole, and does configuration 3 ever learn?
+
+    pip install matplotlib==3.11.2        # this script only
+    bash scripts/reproduce.sh --flags "--total-timesteps 300000" --seeds "1 2 3" --logdir runs/long300
+    python scripts/long_runs.py runs/long300 --out docs/long_runs.png
+
+Reads a sweep of any length (one run per configuration and seed; each run's horizon T from the flags it logged,
+so the learning rate anneals over T, not over 100k). Per run:
+  return at k x 100k    mean return of the episodes that end in (k x 100k - 10k, k x 100k], for every k up to T
+  steps to 400 / 475    first step at which the running mean of the last 20 episodes reaches 400 / 475
+                        (a full window of 20 episodes); 475 is Gymnasium's reward threshold for CartPole-v1
+  lowest variance       the minimum of embedding/variance over the run; collapsed: the share of iterations
+                        whose embedding/collapsed flag fired (variance below 1e-7)
+Per configuration: mean +- standard error over seeds, and how many seeds reached each threshold (median steps
+over all seeds, a seed that never reached it counting as never). Runs that stopped before T are listed apart
+and left out. The figure draws each seed's running mean (thin) and their mean (thick), one panel per configuration.
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot import CONFIGURATIONS, read_run, running_mean  # noqa: E402
+from screen import mean_se, run_steps  # noqa: E402
+
+THRESHOLDS = (400, 475)
+
+
+def steps_to(rm_steps, rm, threshold):
+    """First step at which a full window of 20 episodes averages `threshold` or more; inf if never."""
+    reached = np.flatnonzero((rm >= threshold) & (np.arange(len(rm)) >= 19))
+    return float(rm_steps[reached[0]]) if len(reached) else float("inf")
+
+
+def summarize(run, total):
+    steps, returns = run["charts/episodic_return"]
+    rm_steps, rm = running_mean(steps, returns)
+    checkpoints = range(100_000, total + 10_000, 100_000)  # T is whole batches: a 300k-step run ends at 299,776
+    window_mean = lambda end: float(returns[(steps > end - 10_000) & (steps <= end)].mean()) if ((steps > end - 10_000) & (steps <= end)).any() else float("nan")
+    return {
+        "returns": {end: window_mean(end) for end in checkpoints},
+        **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
+        "lowest_variance": float(run["embedding/variance"][1].min()),
+        "collapsed": float(run["embedding/collapsed"][1].mean()),
+        "curve": (rm_steps, rm),
+    }
+
+
+def load(logdir):
+    """{configuration: {seed: summary}} of the finished runs, and a line for each run that stopped early."""
+    sweep, stopped = {}, []
+    for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
+        configuration, seed = os.path.basename(run_dir).split("__")[1:3]
+        run, total = read_run(run_dir), run_steps(run_dir)
+        reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
+        if reached < total:
+            stopped.append(f"{configuration} {seed} stopped at {reached / 1000:.1f}k of {total / 1000:.0f}k: left out")
+            continue
+        if int(seed[1:]) in sweep.get(configuration, {}):
+            sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir}: move one away")
+        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize(run, total)
+    return sweep, stopped
+
+
+def thousands(steps):
+    return "-" if np.isinf(steps) else f"{steps / 1000:.0f}k"
+
+
+def table(sweep):
+    checkpoints = sorted({end for runs in sweep.values() for run in runs.values() for end in run["returns"]})
+    lines = ["| configuration | seeds | " + " | ".join(f"return at {end // 1000}k" for end in checkpoints)
+             + " | " + " | ".join(f"steps to {t} per seed (reached; median)" for t in THRESHOLDS)
+             + " | lowest variance (median) | collapsed iterations |",
+             "|---" * (4 + len(checkpoints) + len(THRESHOLDS)) + "|"]
+    for configuration, label, _ in CONFIGURATIONS:
+        runs = sweep.get(configuration)
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        returns = [mean_se([runs[s]["returns"].get(end, np.nan) for s in seeds]) for end in checkpoints]
+        reach = []
+        for t in THRESHOLDS:
+            to_t = np.array([runs[s][f"to_{t}"] for s in seeds])
+            reach.append(f"{' '.join(thousands(x) for x in to_t)} ({np.isfinite(to_t).sum()}/{len(seeds)}; {thousands(np.median(to_t))})")
+        lowest = np.median([runs[s]["lowest_variance"] for s in seeds])
+        collapsed = np.mean([runs[s]["collapsed"] for s in seeds])
+        lines.append(f"| {label} | {' '.join(map(str, seeds))} | " + " | ".join(returns) + " | " + " | ".join(reach)
+                     + f" | {lowest:.2g} | {100 * collapsed:.0f}% |")
+    return "\n".join(lines)
+
+
+def plot(sweep, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True, constrained_layout=True)
+    for ax, (configuration, label, _), color in zip(axes, CONFIGURATIONS, ["tab:gray", "tab:blue", "tab:red", "tab:green"]):
+        runs = sweep.get(configuration, {})
+        if runs:
+            horizon = max(run["curve"][0][-1] for run in runs.values())
+            grid = np.linspace(0, horizon, 301)
+            curves = np.stack([np.interp(grid, *run["curve"], left=run["curve"][1][0]) for run in runs.values()])
+            for curve in curves:
+                ax.plot(grid, curve, color=color, alpha=0.35, linewidth=0.8)
+            ax.plot(grid, curves.mean(0), color=color, linewidth=2, label=f"mean of {len(curves)} seeds")
+            ax.legend(loc="upper left")
+        for t in THRESHOLDS:
+            ax.axhline(t, color="black", linestyle=":", linewidth=0.8)
+        ax.axvline(100_000, color="black", linestyle="--", linewidth=0.8)  # the paper's budget
+        ax.set_title(label)
+        ax.set_xlabel("environment steps (dashed: the paper's 100k)")
+    axes[0].set_ylabel("running mean return (last 20 episodes)")
+    fig.suptitle("The four configurations given more steps: each seed (thin), the mean over seeds (thick); dotted: 400 and 475")
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logdir", help="directory holding the sweep's run directories")
+    parser.add_argument("--out", default="docs/long_runs.png", help="the figure's path")
+    opts = parser.parse_args()
+    sweep, stopped = load(opts.logdir)
+    for line in stopped:
+        print(line)
+    if sweep:
+        plot(sweep, opts.out)
+        print(table(sweep))
