@@ -1066,8 +1066,10 @@ def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
     import long_runs
     from torch.utils.tensorboard import SummaryWriter
 
-    def write_run(name, total, last_step, value_after):
+    def write_run(name, total, last_step, value_after, greedy=None):
         writer = SummaryWriter(str(tmp_path / name))
+        if greedy is not None:  # --capture-video logs the greedy episodes' mean return once, at the end
+            writer.add_scalar("charts/greedy_return", greedy, last_step)
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|total_timesteps|{total}|\n|num_envs|8|\n|num_steps|32|")
         for step in [*range(1_000, last_step, 1_000), last_step]:  # an episode every 1k steps: 500 after `value_after`, else 20
             writer.add_scalar("charts/episodic_return", 500.0 if step > value_after else 20.0, step)
@@ -1077,7 +1079,7 @@ def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
         writer.close()
 
     total = 200_000 // 256 * 256  # the horizon a 200k-step run really reaches: whole batches of 256
-    write_run("long__jepa-rlgrad-novar__s1__1", 200_000, total, 150_000)
+    write_run("long__jepa-rlgrad-novar__s1__1", 200_000, total, 150_000, greedy=500.0)
     write_run("long__jepa-rlgrad-novar__s2__1", 200_000, total, 250_000)  # never learns
     write_run("long__jepa-norlgrad-novar__s1__1", 200_000, 120_000, 0)  # stopped early
     sweep, stopped = long_runs.load(str(tmp_path))
@@ -1090,4 +1092,4 @@ def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
     assert learner["lowest_variance"] == pytest.approx(1e-9) and learner["collapsed"] == pytest.approx(2 / 200)
     row = long_runs.table(sweep).splitlines()[2]
     # one seed of two never reached a threshold: the median over both seeds is "never" too
-    assert row == "| 2: JEPA + RL gradient | 1 2 | 20.0 +- 0.0 | 260.0 +- 240.0 | 166k - (1/2; -) | 169k - (1/2; -) | 1e-09 | 1% |"
+    assert row == "| 2: JEPA + RL gradient | 1 2 | 20.0 +- 0.0 | 260.0 +- 240.0 | 166k - (1/2; -) | 169k - (1/2; -) | 1e-09 | 1% | 500.0 - |"

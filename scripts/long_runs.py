@@ -11,6 +11,8 @@ so the learning rate anneals over T, not over 100k). Per run:
                         (a full window of 20 episodes); 475 is Gymnasium's reward threshold for CartPole-v1
   lowest variance       the minimum of embedding/variance over the run; collapsed: the share of iterations
                         whose embedding/collapsed flag fired (variance below 1e-7)
+  greedy return         with --capture-video: the mean return of the greedy episodes played at the end
+                        (charts/greedy_return); the other columns are the sampling policy's, which PPO trains
 Per configuration: mean +- standard error over seeds, and how many seeds reached each threshold (median steps
 over all seeds, a seed that never reached it counting as never). Runs that stopped before T are listed apart
 and left out. The figure draws each seed's running mean (thin) and their mean (thick), one panel per configuration.
@@ -46,6 +48,7 @@ def summarize(run, total):
         **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
         "lowest_variance": float(run["embedding/variance"][1].min()),
         "collapsed": float(run["embedding/collapsed"][1].mean()),
+        "greedy": float(run["charts/greedy_return"][1][-1]) if "charts/greedy_return" in run else float("nan"),
         "curve": (rm_steps, rm),
     }
 
@@ -74,8 +77,8 @@ def table(sweep):
     checkpoints = sorted({end for runs in sweep.values() for run in runs.values() for end in run["returns"]})
     lines = ["| configuration | seeds | " + " | ".join(f"return at {end // 1000}k" for end in checkpoints)
              + " | " + " | ".join(f"steps to {t} per seed (reached; median)" for t in THRESHOLDS)
-             + " | lowest variance (median) | collapsed iterations |",
-             "|---" * (4 + len(checkpoints) + len(THRESHOLDS)) + "|"]
+             + " | lowest variance (median) | collapsed iterations | greedy return per seed |",
+             "|---" * (5 + len(checkpoints) + len(THRESHOLDS)) + "|"]
     for configuration, label, _ in CONFIGURATIONS:
         runs = sweep.get(configuration)
         if not runs:
@@ -88,8 +91,9 @@ def table(sweep):
             reach.append(f"{' '.join(thousands(x) for x in to_t)} ({np.isfinite(to_t).sum()}/{len(seeds)}; {thousands(np.median(to_t))})")
         lowest = np.median([runs[s]["lowest_variance"] for s in seeds])
         collapsed = np.mean([runs[s]["collapsed"] for s in seeds])
+        greedy = " ".join("-" if np.isnan(runs[s]["greedy"]) else f"{runs[s]['greedy']:.1f}" for s in seeds)
         lines.append(f"| {label} | {' '.join(map(str, seeds))} | " + " | ".join(returns) + " | " + " | ".join(reach)
-                     + f" | {lowest:.2g} | {100 * collapsed:.0f}% |")
+                     + f" | {lowest:.2g} | {100 * collapsed:.0f}% | {greedy} |")
     return "\n".join(lines)
 
 
@@ -99,7 +103,7 @@ def plot(sweep, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharex=True, sharey=True, constrained_layout=True)
     for ax, (configuration, label, _), color in zip(axes, CONFIGURATIONS, ["tab:gray", "tab:blue", "tab:red", "tab:green"]):
         runs = sweep.get(configuration, {})
         if runs:
