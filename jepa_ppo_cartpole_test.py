@@ -1066,30 +1066,45 @@ def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
     import long_runs
     from torch.utils.tensorboard import SummaryWriter
 
-    def write_run(name, total, last_step, value_after, greedy=None):
+    def write_run(name, requested, last_step, episode_return, greedy=None):
+        """An episode every 1k steps and at the run's last step, of return episode_return(step)."""
         writer = SummaryWriter(str(tmp_path / name))
-        if greedy is not None:  # --capture-video logs the greedy episodes' mean return once, at the end
-            writer.add_scalar("charts/greedy_return", greedy, last_step)
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|total_timesteps|{total}|\n|num_envs|8|\n|num_steps|32|")
-        for step in [*range(1_000, last_step, 1_000), last_step]:  # an episode every 1k steps: 500 after `value_after`, else 20
-            writer.add_scalar("charts/episodic_return", 500.0 if step > value_after else 20.0, step)
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|total_timesteps|{requested}|\n|num_envs|8|\n|num_steps|32|")
+        for step in [*range(1_000, last_step, 1_000), last_step]:
+            writer.add_scalar("charts/episodic_return", episode_return(step), step)
             writer.add_scalar("embedding/variance", 0.5 if step > 2_000 else 1e-9, step)
             writer.add_scalar("embedding/collapsed", float(step <= 2_000), step)
             writer.add_scalar("charts/SPS", 300, step)
+        if greedy is not None:  # --capture-video logs the greedy episodes' mean return once, at the end
+            writer.add_scalar("charts/greedy_return", greedy, last_step)
         writer.close()
 
-    total = 200_000 // 256 * 256  # the horizon a 200k-step run really reaches: whole batches of 256
-    write_run("long__jepa-rlgrad-novar__s1__1", 200_000, total, 150_000, greedy=500.0)
-    write_run("long__jepa-rlgrad-novar__s2__1", 200_000, total, 250_000)  # never learns
-    write_run("long__jepa-norlgrad-novar__s1__1", 200_000, 120_000, 0)  # stopped early
-    sweep, stopped = long_runs.load(str(tmp_path))
-    assert list(sweep) == ["jepa-rlgrad-novar"] and stopped == ["jepa-norlgrad-novar s1 stopped at 120.0k of 200k: left out"]
-    learner = sweep["jepa-rlgrad-novar"][1]
-    assert learner["returns"] == {100_000: 20.0, 200_000: 500.0}  # (190k, 200k] holds the episodes at 191k-199k
+    # 20 up to 90k, 30 in (90k, 100k], 20 again, 500 from 151k, 480 in (190k, 200k]: each window has its own value,
+    # and the episodes at exactly 90k and 190k (outside the windows) another
+    learner = lambda step: 30.0 if 90_000 < step <= 100_000 else 480.0 if step > 190_000 else 500.0 if step > 150_000 else 20.0
+    end_200k, end_195k = 200_000 // 256 * 256, 195_000 // 256 * 256  # the steps the runs really reach: whole batches
+    write_run("long__jepa-rlgrad-novar__s1__1", 200_000, end_200k, learner, greedy=500.0)
+    write_run("long__jepa-rlgrad-novar__s2__1", 200_000, end_200k, lambda step: 500.0 if step <= 3_000 else 20.0)  # lucky start
+    write_run("long__nojepa-rlgrad-novar__s1__1", 195_000, end_195k, lambda step: 20.0)  # a shorter run of another configuration
+    write_run("long__jepa-norlgrad-novar__s1__1", 200_000, 120_000, lambda step: 20.0)  # stopped early
+    sweep, unfinished = long_runs.load(str(tmp_path))
+    assert sorted(sweep) == ["jepa-rlgrad-novar", "nojepa-rlgrad-novar"]
+    assert unfinished == ["jepa-norlgrad-novar s1 unfinished (running or stopped) at 120.0k of 199.9k: left out"]
+    run = sweep["jepa-rlgrad-novar"][1]
+    assert run["returns"] == {100_000: 30.0, 200_000: 480.0}
+    # its own horizon, not the longest run's; and no window at 200k that would end after the run (at 194.8k)
+    assert list(sweep["nojepa-rlgrad-novar"][1]["returns"]) == [100_000]
     # the running mean of 20 episodes (one per 1k steps) first reaches 475 when 19 of 20 are 500: at 169k
-    assert learner["to_475"] == 169_000 and learner["to_400"] == 166_000
-    assert np.isinf(sweep["jepa-rlgrad-novar"][2]["to_400"])
-    assert learner["lowest_variance"] == pytest.approx(1e-9) and learner["collapsed"] == pytest.approx(2 / 200)
-    row = long_runs.table(sweep).splitlines()[2]
+    assert run["to_475"] == 169_000 and run["to_400"] == 166_000
+    assert np.isinf(sweep["jepa-rlgrad-novar"][2]["to_400"])  # three episodes of 500 are no full window of 20
+    assert run["lowest_variance"] == pytest.approx(1e-9) and run["collapsed"] == pytest.approx(2 / 200)
+    row = long_runs.table(sweep).splitlines()[3]
     # one seed of two never reached a threshold: the median over both seeds is "never" too
-    assert row == "| 2: JEPA + RL gradient | 1 2 | 20.0 +- 0.0 | 260.0 +- 240.0 | 166k - (1/2; -) | 169k - (1/2; -) | 1e-09 | 1% | 500.0 - |"
+    assert row == "| 2: JEPA + RL gradient | 1 2 | 25.0 +- 5.0 | 250.0 +- 230.0 | 166k - (1/2; -) | 169k - (1/2; -) | 1e-09 | 1% | 500.0 - |"
+
+    write_run("long__nojepa-rlgrad-novar__s2__1", 200_000, end_200k, lambda step: 20.0)  # another length, same configuration
+    with pytest.raises(SystemExit, match="must share their length"):
+        long_runs.load(str(tmp_path))
+    write_run("long__nojepa-rlgrad-novar__s2__1", 200_000, end_200k, lambda step: 20.0)  # ... and a rerun of seed 2
+    with pytest.raises(SystemExit, match="must share their length|two finished runs"):
+        long_runs.load(str(tmp_path))

@@ -1,21 +1,24 @@
 """Beyond the paper's 100k steps: when does each configuration solve CartPole, and does configuration 3 ever learn?
 
     pip install matplotlib==3.11.2        # this script only
-    bash scripts/reproduce.sh --flags "--total-timesteps 300000" --seeds "1 2 3" --logdir runs/long300
+    bash scripts/reproduce.sh --flags "--total-timesteps 300000 --capture-video" --seeds "1 2 3" --logdir runs/long300
     python scripts/long_runs.py runs/long300 --out docs/long_runs.png
 
-Reads a sweep of any length (one run per configuration and seed; each run's horizon T from the flags it logged,
-so the learning rate anneals over T, not over 100k). Per run:
-  return at k x 100k    mean return of the episodes that end in (k x 100k - 10k, k x 100k], for every k up to T
+Reads a sweep of any length (one run per configuration and seed, the runs of a configuration all of one length;
+each run's --total-timesteps from the flags it logged; the learning rate anneals over the whole run, not over
+100k, and the run ends at T, --total-timesteps rounded down to whole batches). Per run:
+  return at k x 100k    mean return of the episodes that end in (k x 100k - 10k, k x 100k], for every k x 100k
+                        up to --total-timesteps (a 300k-step run's last window ends at T = 299,776)
   steps to 400 / 475    first step at which the running mean of the last 20 episodes reaches 400 / 475
                         (a full window of 20 episodes); 475 is Gymnasium's reward threshold for CartPole-v1
   lowest variance       the minimum of embedding/variance over the run; collapsed: the share of iterations
                         whose embedding/collapsed flag fired (variance below 1e-7)
   greedy return         with --capture-video: the mean return of the greedy episodes played at the end
                         (charts/greedy_return); the other columns are the sampling policy's, which PPO trains
-Per configuration: mean +- standard error over seeds, and how many seeds reached each threshold (median steps
-over all seeds, a seed that never reached it counting as never). Runs that stopped before T are listed apart
-and left out. The figure draws each seed's running mean (thin) and their mean (thick), one panel per configuration.
+Per configuration: the returns' mean +- standard error over seeds; for each threshold the steps per seed, how
+many seeds reached it and the median over all seeds (a seed that never reached it counting as never); the
+median lowest variance and the mean share of collapsed iterations over seeds. Runs that have not reached T
+(still running, or stopped) are listed apart and left out. The table prints before the figure is drawn. The figure draws each seed's running mean (thin) and their mean (thick), one panel per configuration.
 """
 
 import argparse
@@ -27,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot import CONFIGURATIONS, read_run, running_mean  # noqa: E402
-from screen import mean_se, run_steps  # noqa: E402
+from screen import logged_flags, mean_se, run_steps  # noqa: E402
 
 THRESHOLDS = (400, 475)
 
@@ -38,13 +41,17 @@ def steps_to(rm_steps, rm, threshold):
     return float(rm_steps[reached[0]]) if len(reached) else float("inf")
 
 
-def summarize(run, total):
+def window_mean(steps, returns, end, width=10_000):
+    in_window = (steps > end - width) & (steps <= end)
+    return float(returns[in_window].mean()) if in_window.any() else float("nan")
+
+
+def summarize(run, requested):
+    """One finished run's figures; `requested` is its --total-timesteps (it ends at the last whole batch before)."""
     steps, returns = run["charts/episodic_return"]
     rm_steps, rm = running_mean(steps, returns)
-    checkpoints = range(100_000, total + 10_000, 100_000)  # T is whole batches: a 300k-step run ends at 299,776
-    window_mean = lambda end: float(returns[(steps > end - 10_000) & (steps <= end)].mean()) if ((steps > end - 10_000) & (steps <= end)).any() else float("nan")
     return {
-        "returns": {end: window_mean(end) for end in checkpoints},
+        "returns": {end: window_mean(steps, returns, end) for end in range(100_000, requested + 1, 100_000)},
         **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
         "lowest_variance": float(run["embedding/variance"][1].min()),
         "collapsed": float(run["embedding/collapsed"][1].mean()),
@@ -54,19 +61,23 @@ def summarize(run, total):
 
 
 def load(logdir):
-    """{configuration: {seed: summary}} of the finished runs, and a line for each run that stopped early."""
-    sweep, stopped = {}, []
+    """{configuration: {seed: summary}} of the finished runs, and a line for each run that has not finished."""
+    sweep, unfinished, lengths = {}, [], {}
     for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
         configuration, seed = os.path.basename(run_dir).split("__")[1:3]
-        run, total = read_run(run_dir), run_steps(run_dir)
+        run, flags = read_run(run_dir), logged_flags(run_dir)
+        total, requested = run_steps(flags), int(flags["total_timesteps"])
         reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
         if reached < total:
-            stopped.append(f"{configuration} {seed} stopped at {reached / 1000:.1f}k of {total / 1000:.0f}k: left out")
+            unfinished.append(f"{configuration} {seed} unfinished (running or stopped) at {reached / 1000:.1f}k of {total / 1000:.1f}k: left out")
             continue
+        if lengths.setdefault(configuration, requested) != requested:
+            sys.exit(f"error: runs of {configuration} of {lengths[configuration]} and {requested} steps in {logdir}: "
+                     "a configuration's runs must share their length (their learning-rate schedules differ)")
         if int(seed[1:]) in sweep.get(configuration, {}):
             sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir}: move one away")
-        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize(run, total)
-    return sweep, stopped
+        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize(run, requested)
+    return sweep, unfinished
 
 
 def thousands(steps):
@@ -75,9 +86,9 @@ def thousands(steps):
 
 def table(sweep):
     checkpoints = sorted({end for runs in sweep.values() for run in runs.values() for end in run["returns"]})
-    lines = ["| configuration | seeds | " + " | ".join(f"return at {end // 1000}k" for end in checkpoints)
+    lines = ["| configuration | seeds | " + " | ".join(f"return at {end // 1000}k: mean +- s.e." for end in checkpoints)
              + " | " + " | ".join(f"steps to {t} per seed (reached; median)" for t in THRESHOLDS)
-             + " | lowest variance (median) | collapsed iterations | greedy return per seed |",
+             + " | lowest variance (median) | collapsed iterations (mean) | greedy return per seed |",
              "|---" * (5 + len(checkpoints) + len(THRESHOLDS)) + "|"]
     for configuration, label, _ in CONFIGURATIONS:
         runs = sweep.get(configuration)
@@ -129,9 +140,9 @@ if __name__ == "__main__":
     parser.add_argument("logdir", help="directory holding the sweep's run directories")
     parser.add_argument("--out", default="docs/long_runs.png", help="the figure's path")
     opts = parser.parse_args()
-    sweep, stopped = load(opts.logdir)
-    for line in stopped:
+    sweep, unfinished = load(opts.logdir)
+    for line in unfinished:
         print(line)
     if sweep:
-        plot(sweep, opts.out)
         print(table(sweep))
+        plot(sweep, opts.out)

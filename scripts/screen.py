@@ -27,12 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot import read_run, running_mean  # noqa: E402
 
 
-def run_steps(run_dir):
-    """The steps a run was started for: --total-timesteps rounded down to whole batches, from its logged flags."""
+def logged_flags(run_dir):
+    """{flag: value as text} from the hyperparameters table a run logs at its start."""
     acc = EventAccumulator(run_dir, size_guidance={"tensors": 0})
     acc.Reload()
     table = tensor_util.make_ndarray(acc.Tensors("hyperparameters/text_summary")[0].tensor_proto).item().decode()
-    flags = dict(line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+    return dict(line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+
+
+def run_steps(flags):
+    """The steps a run was started for: --total-timesteps rounded down to whole batches (flags: `logged_flags`)."""
     batch = int(flags["num_envs"]) * int(flags["num_steps"])
     return int(flags["total_timesteps"]) // batch * batch
 
@@ -73,7 +77,7 @@ def main():
             if len(configurations) > 1:
                 sys.exit(f"error: {candidate} holds runs of more than one configuration ({', '.join(sorted(configurations))}): "
                          "a candidate is one configuration")
-            run, total, seed = read_run(run_dir), run_steps(run_dir), int(seed[1:])
+            run, total, seed = read_run(run_dir), run_steps(logged_flags(run_dir)), int(seed[1:])
             if seed in runs:
                 sys.exit(f"error: two finished runs with seed {seed} in {candidate}: move one away")
             reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
