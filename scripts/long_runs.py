@@ -9,6 +9,7 @@ each run's --total-timesteps from the flags it logged; the learning rate anneals
 100k, and the run ends at T, --total-timesteps rounded down to whole batches). Per run:
   return at k x 100k    mean return of the episodes that end in (k x 100k - 10k, k x 100k], for every k x 100k
                         up to --total-timesteps (a 300k-step run's last window ends at T = 299,776)
+  AUC                   the running mean of the last 20 episodes averaged over steps 0-T (as scripts/screen.py)
   steps to 400 / 475    first step at which the running mean of the last 20 episodes reaches 400 / 475
                         (a full window of 20 episodes); 475 is Gymnasium's reward threshold for CartPole-v1
   lowest variance       the minimum of embedding/variance over the run; collapsed: the share of iterations
@@ -46,12 +47,13 @@ def window_mean(steps, returns, end, width=10_000):
     return float(returns[in_window].mean()) if in_window.any() else float("nan")
 
 
-def summarize(run, requested):
-    """One finished run's figures; `requested` is its --total-timesteps (it ends at the last whole batch before)."""
+def summarize(run, requested, total):
+    """One finished run's figures; `requested` is its --total-timesteps, `total` the step it ended at (whole batches)."""
     steps, returns = run["charts/episodic_return"]
     rm_steps, rm = running_mean(steps, returns)
     return {
         "returns": {end: window_mean(steps, returns, end) for end in range(100_000, requested + 1, 100_000)},
+        "auc": float(np.interp(np.linspace(0, total, 101), rm_steps, rm, left=rm[0]).mean()),
         **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
         "lowest_variance": float(run["embedding/variance"][1].min()),
         "collapsed": float(run["embedding/collapsed"][1].mean()),
@@ -76,7 +78,7 @@ def load(logdir):
                      "a configuration's runs must share their length (their learning-rate schedules differ)")
         if int(seed[1:]) in sweep.get(configuration, {}):
             sys.exit(f"error: two finished runs of {configuration} with {seed} in {logdir}: move one away")
-        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize(run, requested)
+        sweep.setdefault(configuration, {})[int(seed[1:])] = summarize(run, requested, total)
     return sweep, unfinished
 
 
@@ -87,9 +89,9 @@ def thousands(steps):
 def table(sweep):
     checkpoints = sorted({end for runs in sweep.values() for run in runs.values() for end in run["returns"]})
     lines = ["| configuration | seeds | " + " | ".join(f"return at {end // 1000}k: mean +- s.e." for end in checkpoints)
-             + " | " + " | ".join(f"steps to {t} per seed (reached; median)" for t in THRESHOLDS)
+             + " | AUC per seed: mean +- s.e. | " + " | ".join(f"steps to {t} per seed (reached; median)" for t in THRESHOLDS)
              + " | lowest variance (median) | collapsed iterations (mean) | greedy return per seed |",
-             "|---" * (5 + len(checkpoints) + len(THRESHOLDS)) + "|"]
+             "|---" * (6 + len(checkpoints) + len(THRESHOLDS)) + "|"]
     for configuration, label, _ in CONFIGURATIONS:
         runs = sweep.get(configuration)
         if not runs:
@@ -103,7 +105,9 @@ def table(sweep):
         lowest = np.median([runs[s]["lowest_variance"] for s in seeds])
         collapsed = np.mean([runs[s]["collapsed"] for s in seeds])
         greedy = " ".join("-" if np.isnan(runs[s]["greedy"]) else f"{runs[s]['greedy']:.1f}" for s in seeds)
-        lines.append(f"| {label} | {' '.join(map(str, seeds))} | " + " | ".join(returns) + " | " + " | ".join(reach)
+        auc = [runs[s]["auc"] for s in seeds]
+        auc = f"{' '.join(f'{x:.1f}' for x in auc)}: {mean_se(auc)}"
+        lines.append(f"| {label} | {' '.join(map(str, seeds))} | " + " | ".join(returns) + f" | {auc} | " + " | ".join(reach)
                      + f" | {lowest:.2g} | {100 * collapsed:.0f}% | {greedy} |")
     return "\n".join(lines)
 
