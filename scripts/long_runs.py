@@ -30,16 +30,11 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import CONFIGURATIONS, read_run, running_mean  # noqa: E402
-from screen import logged_flags, mean_se, run_steps  # noqa: E402
+from plot import CONFIGURATIONS, read_events, running_mean, steps_to  # noqa: E402
+from screen import mean_se, run_steps  # noqa: E402
+from screen import summarize as screen_summary  # noqa: E402
 
 THRESHOLDS = (400, 475)
-
-
-def steps_to(rm_steps, rm, threshold):
-    """First step at which a full window of 20 episodes averages `threshold` or more; inf if never."""
-    reached = np.flatnonzero((rm >= threshold) & (np.arange(len(rm)) >= 19))
-    return float(rm_steps[reached[0]]) if len(reached) else float("inf")
 
 
 def window_mean(steps, returns, end, width=10_000):
@@ -53,7 +48,7 @@ def summarize(run, requested, total):
     rm_steps, rm = running_mean(steps, returns)
     return {
         "returns": {end: window_mean(steps, returns, end) for end in range(100_000, requested + 1, 100_000)},
-        "auc": float(np.interp(np.linspace(0, total, 101), rm_steps, rm, left=rm[0]).mean()),
+        "auc": screen_summary(run, total)["auc"],
         **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
         "lowest_variance": float(run["embedding/variance"][1].min()),
         "collapsed": float(run["embedding/collapsed"][1].mean()),
@@ -67,7 +62,7 @@ def load(logdir):
     sweep, unfinished, lengths = {}, [], {}
     for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
         configuration, seed = os.path.basename(run_dir).split("__")[1:3]
-        run, flags = read_run(run_dir), logged_flags(run_dir)
+        run, flags = read_events(run_dir)
         total, requested = run_steps(flags), int(flags["total_timesteps"])
         reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
         if reached < total:

@@ -30,6 +30,7 @@ from collections import deque
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 # (name in the run directory, label, the paper's return at 100k steps read off its Figure 3)
 CONFIGURATIONS = [
@@ -61,11 +62,21 @@ def bootstrap_ci(values, statistic, level=0.95, seed=0):
     return np.quantile(stats, [(1 - level) / 2, (1 + level) / 2], axis=0)
 
 
-def read_run(run_dir):
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+def read_events(run_dir):
+    """A run's event files, read once: {tag: (steps, values)} of its scalars, and {flag: value as text} from the
+    hyperparameters table it logs at its start (empty if it logged none)."""
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = lambda tag: (np.array([e.step for e in acc.Scalars(tag)]), np.array([e.value for e in acc.Scalars(tag)]))
-    return {tag: scalars(tag) for tag in acc.Tags()["scalars"]}
+    flags = {}
+    if "hyperparameters/text_summary" in acc.Tags()["tensors"]:
+        table = tensor_util.make_ndarray(acc.Tensors("hyperparameters/text_summary")[0].tensor_proto).item().decode()
+        flags = dict(line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+    return {tag: scalars(tag) for tag in acc.Tags()["scalars"]}, flags
+
+
+def read_run(run_dir):
+    return read_events(run_dir)[0]
 
 
 def running_mean(steps, returns, window=20):
@@ -76,15 +87,20 @@ def running_mean(steps, returns, window=20):
     return steps, np.array(means)
 
 
+def steps_to(rm_steps, rm, threshold):
+    """First step at which a full window of 20 episodes averages `threshold` or more; inf if never."""
+    reached = np.flatnonzero((rm >= threshold) & (np.arange(len(rm)) >= 19))
+    return float(rm_steps[reached[0]]) if len(reached) else float("inf")
+
+
 def summarize_run(run):
     steps, returns = run["charts/episodic_return"]
     final_window = (steps > 90_000) & (steps <= 100_000)
     rm_steps, rm = running_mean(steps, returns)
-    full = np.flatnonzero((rm >= 400) & (np.arange(len(rm)) >= 19))  # a full window of 20 episodes
     curve = np.interp(GRID, rm_steps, rm, left=rm[0])
     summary = {
         "final_return": float(returns[final_window].mean()) if final_window.any() else float("nan"),
-        "steps_to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
+        "steps_to_400": steps_to(rm_steps, rm, 400),
         "auc": float(curve.mean()),
         "return_curve": curve,
         "variance": float(run["embedding/variance"][1][-10:].mean()),

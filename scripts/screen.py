@@ -20,23 +20,13 @@ import os
 import sys
 
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import read_run, running_mean  # noqa: E402
-
-
-def logged_flags(run_dir):
-    """{flag: value as text} from the hyperparameters table a run logs at its start."""
-    acc = EventAccumulator(run_dir, size_guidance={"tensors": 0})
-    acc.Reload()
-    table = tensor_util.make_ndarray(acc.Tensors("hyperparameters/text_summary")[0].tensor_proto).item().decode()
-    return dict(line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+from plot import read_events, running_mean, steps_to  # noqa: E402
 
 
 def run_steps(flags):
-    """The steps a run was started for: --total-timesteps rounded down to whole batches (flags: `logged_flags`)."""
+    """The steps a run was started for: --total-timesteps rounded down to whole batches (flags: `read_events`)."""
     batch = int(flags["num_envs"]) * int(flags["num_steps"])
     return int(flags["total_timesteps"]) // batch * batch
 
@@ -44,7 +34,6 @@ def run_steps(flags):
 def summarize(run, total):
     steps, returns = run["charts/episodic_return"]
     rm_steps, rm = running_mean(steps, returns)
-    full = np.flatnonzero((rm >= 400) & (np.arange(len(rm)) >= 19))
     grid = np.linspace(0, total, 101)
     halfway = (steps > 0.4 * total) & (steps <= 0.5 * total)
     return {
@@ -52,7 +41,7 @@ def summarize(run, total):
         "final": float(returns[steps > 0.9 * total].mean()) if (steps > 0.9 * total).any() else float("nan"),
         "halfway": float(returns[halfway].mean()) if halfway.any() else float("nan"),
         "auc": float(np.interp(grid, rm_steps, rm, left=rm[0]).mean()),
-        "to_400": float(rm_steps[full[0]]) if len(full) else float("inf"),
+        "to_400": steps_to(rm_steps, rm, 400),
     }
 
 
@@ -77,7 +66,8 @@ def main():
             if len(configurations) > 1:
                 sys.exit(f"error: {candidate} holds runs of more than one configuration ({', '.join(sorted(configurations))}): "
                          "a candidate is one configuration")
-            run, total, seed = read_run(run_dir), run_steps(logged_flags(run_dir)), int(seed[1:])
+            (run, flags), seed = read_events(run_dir), int(seed[1:])
+            total = run_steps(flags)
             if seed in runs:
                 sys.exit(f"error: two finished runs with seed {seed} in {candidate}: move one away")
             reached = run["charts/SPS"][0][-1] if "charts/SPS" in run else 0
