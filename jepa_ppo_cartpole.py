@@ -113,6 +113,9 @@ class Args:
     small convolutional stem after Xiao et al. 2021 (without their BatchNorm): log2(--patch-size) 3x3 stride-2
     convolutions with ReLU, then a 1x1 convolution to --embed-dim. Its tokens lie on the same grid with the same
     positions, but each sees a window around its patch's corner that overlaps its neighbours' (31 x 31 pixels at 16)"""
+    frame_diffs: bool = False
+    """if toggled (beyond the paper), the encoder reads frames t-2 and t-1 as the differences t-1 - (t-2) and
+    t - (t-1), frame t as it is: the same information, but each per-frame token then holds its patch's motion"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -385,10 +388,21 @@ class Block(nn.Module):
 
 
 def to_pixels(frames, ink: bool):
-    """uint8 intensities -> floats. Ink, not light (the default): the white background becomes 0, so empty patches
-    embed to the bias alone and the few with cart and pole stand out; raw intensity adds one large shared
-    component to every token."""
+    """uint8 intensities -> floats (floats pass through: `encoder_input` made them). Ink, not light (the default):
+    the white background becomes 0, so empty patches embed to the bias alone and the few with cart and pole stand
+    out; raw intensity adds one large shared component to every token."""
+    if frames.is_floating_point():
+        return frames
     return torch.rsub(frames, 1.0, alpha=1 / 255) if ink else frames * (1 / 255)
+
+
+def encoder_input(frames, ink: bool, frame_diffs: bool):
+    """(B, 3, H, W) uint8 -> the same, or with --frame-diffs floats (t-1 - (t-2), t - (t-1), t): a difference
+    of uint8 would wrap around, so these are taken after `to_pixels`."""
+    if not frame_diffs:
+        return frames  # the ViT's linear embedding rearranges uint8 first (a cheap copy), then makes floats
+    pixels = to_pixels(frames, ink)
+    return torch.cat([pixels[:, 1:] - pixels[:, :-1], pixels[:, 2:]], dim=1)
 
 
 class ViTEncoder(nn.Module):
@@ -415,11 +429,12 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
         self.blocks = nn.ModuleList(Block(d, args.num_heads, args.mlp_ratio) for _ in range(args.depth))
         self.ln_f = nn.LayerNorm(d) if args.final_ln else nn.Identity()
-        self.ink = args.ink
+        self.ink, self.frame_diffs = args.ink, args.frame_diffs
 
     def embed_patches(self, frames):
         """(B, 3, H, W) uint8 -> tokens (B, n, rows, cols, D), n = 3 per-frame tokens or 1 tubelet per patch position."""
         B, p, n = frames.shape[0], self.patch_size, 3 // self.frames_per_token
+        frames = encoder_input(frames, self.ink, self.frame_diffs)
         if isinstance(self.patch_embed, nn.Sequential):  # the convolutional stem sees whole frames (or stacks)
             grid = self.patch_embed(to_pixels(frames, self.ink).view(B * n, self.frames_per_token, *frames.shape[2:]))
             return grid.view(B, n, -1, self.rows, self.cols).permute(0, 1, 3, 4, 2)
@@ -447,7 +462,7 @@ class CNNEncoder(nn.Module):
 
     def __init__(self, args: Args):
         super().__init__()
-        self.ink = args.ink
+        self.ink, self.frame_diffs = args.ink, args.frame_diffs
         self.convs = nn.Sequential(nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
                                    nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
         flat = self.convs(torch.zeros(1, 3, args.frame_height, args.frame_width)).shape[1]  # 64 x 5 x 21 at 32 x 96
@@ -455,7 +470,7 @@ class CNNEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(args.embed_dim) if args.final_ln else nn.Identity()
 
     def pre_norm(self, frames):
-        return self.fc(self.convs(to_pixels(frames, self.ink)))
+        return self.fc(self.convs(to_pixels(encoder_input(frames, self.ink, self.frame_diffs), self.ink)))
 
     def forward(self, frames):
         return self.ln_f(self.pre_norm(frames))

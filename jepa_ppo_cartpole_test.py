@@ -289,6 +289,28 @@ def test_a_pixel_reaches_only_the_tokens_of_its_frame_and_place(patch_embed, tub
     assert tokens_seen(encoder, stacks) == changed.numel() + 1
 
 
+@pytest.mark.parametrize("encoder_kind", ["vit", "cnn"])
+def test_frame_diffs_feed_the_encoder_differences_of_frames_and_the_last_frame(encoder_kind):
+    """A still stack under --frame-diffs reads as two blank frames (ink 0: white) and its last frame; a change in
+    frame t alone moves the last two inputs (t - (t-1) and t), never the first."""
+    args, encoder, *_ = make_models(encoder=encoder_kind, frame_diffs=True)
+    still = fake_minibatch(args, n=2)["stacks"]  # the three frames of each stack are the same
+    blank_then_last = still.clone()
+    blank_then_last[:, :2] = 255
+    with torch.no_grad():
+        embed = lambda frames: encoder.pre_norm(frames)
+        with_diffs = embed(still)
+        encoder.frame_diffs = False
+        assert torch.allclose(with_diffs, embed(blank_then_last), atol=1e-6)
+        assert not torch.allclose(with_diffs, embed(still), atol=1e-3)
+        encoder.frame_diffs = True
+        moved = still.clone()
+        moved[:, 2] = jp.render_cartpole(torch.tensor([[0.5, 0, 0.1, 0]] * 2), args.frame_height, args.frame_width)
+        inputs = jp.encoder_input(moved, args.ink, True) - jp.encoder_input(still, args.ink, True)
+    assert inputs[:, 0].abs().max() == 0 and inputs[:, 1].abs().max() > 0
+    assert torch.equal(inputs[:, 1], inputs[:, 2])  # the same change enters the difference and the last frame
+
+
 @pytest.mark.parametrize("patch_embed", ["linear", "conv"])
 def test_untrained_embedding_tells_frames_apart(patch_embed):
     """At initialisation the embedding must vary over the probe set's stacks: the conv stem with PyTorch's default
