@@ -78,6 +78,8 @@ class Args:
     """the number of steps per environment per rollout"""
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over the run"""
+    lr_warmup_iters: int = 0
+    """(beyond the paper) raise the learning rate linearly over this many first iterations, times the annealing"""
     gamma: float = 0.98
     """the discount factor gamma"""
     gae_lambda: float = 0.8
@@ -186,7 +188,7 @@ def check_args(args: Args) -> Optional[str]:
     for name in ["gamma", "gae_lambda", "ema_tau"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
-    for name in ["ent_coef", "vf_coef", "jepa_coef", "var_coef", "weight_decay"]:
+    for name in ["ent_coef", "vf_coef", "jepa_coef", "var_coef", "weight_decay", "lr_warmup_iters"]:
         if not getattr(args, name) >= 0.0:
             return f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}"
     batch_size = args.num_envs * args.num_steps
@@ -923,9 +925,10 @@ if __name__ == "__main__":
 
     try:
         for iteration in range(1, args.num_iterations + 1):
-            if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations if args.anneal_lr else 1.0
+            if args.lr_warmup_iters:  # Adam's first steps on a transformer are the least reliable
+                frac *= min(1.0, iteration / args.lr_warmup_iters)
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             episodes = collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
             for row, episodic_return, episodic_length in episodes:

@@ -824,6 +824,13 @@ def test_each_configuration_logs_every_tag(config, tmp_path):
     assert acc.Tags()["tensors"]  # the hyperparameter table (text)
 
 
+def test_warmup_and_frame_diffs_run_the_loop(tmp_path):
+    """--lr-warmup-iters 2 over 4 iterations: the rate rises over the first two, times the linear annealing."""
+    logged = run_once([*CONFIGS["2"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "2", "--frame-diffs"], tmp_path)
+    assert [lr for _, lr in logged["charts/learning_rate"]] == pytest.approx([5e-4, 7.5e-4, 5e-4, 2.5e-4])
+    assert all(np.isfinite(v) for _, v in logged["losses/jepa_loss"])
+
+
 def test_cnn_encoder_runs_the_loop(tmp_path):
     logged = run_once([*CONFIGS["2"], *SHORT, "--encoder", "cnn", "--image-every", "1"], tmp_path)
     assert all(tag in logged for tag in TAGS)
