@@ -117,7 +117,8 @@ class Args:
     positions, but each sees a window around its patch's corner that overlaps its neighbours' (31 x 31 pixels at 16)"""
     frame_diffs: bool = False
     """if toggled (beyond the paper), the encoder reads frames t-2 and t-1 as the differences t-1 - (t-2) and
-    t - (t-1), frame t as it is: the same information, but each per-frame token then holds its patch's motion"""
+    t - (t-1), frame t as it is: the same information, but each per-frame token then holds its patch's motion.
+    Where the first layer sees all three frames (--tubelets, --encoder cnn) it only reparametrises that layer"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -400,7 +401,7 @@ def to_pixels(frames, ink: bool):
 
 def encoder_input(frames, ink: bool, frame_diffs: bool):
     """(B, 3, H, W) uint8 -> the same, or with --frame-diffs floats (t-1 - (t-2), t - (t-1), t): a difference
-    of uint8 would wrap around, so these are taken after `to_pixels`."""
+    of uint8 would wrap around, so these are taken after `to_pixels` (in ink, minus the intensity differences)."""
     if not frame_diffs:
         return frames  # the ViT's linear embedding rearranges uint8 first (a cheap copy), then makes floats
     pixels = to_pixels(frames, ink)
@@ -636,7 +637,7 @@ def cls_attention(encoder, frames) -> torch.Tensor:
 def attention_image(frames, attention) -> torch.Tensor:
     """Frames (B, 3, H, W) and their attention maps -> one RGB image (3, B * H, 3 * W): a stack per row, its frames
     t-2, t-1, t side by side, each stack's attention in red over the gray frames (from its least to its most
-    attended patch)."""
+    attended patch); under --frame-diffs the tokens drawn over t-2 and t-1 read the differences, not these frames."""
     gray = frames.float() / 255
     low, high = attention.amin(dim=(1, 2, 3), keepdim=True), attention.amax(dim=(1, 2, 3), keepdim=True)
     heat = 0.7 * (attention - low) / (high - low).clamp(min=1e-12)
@@ -926,7 +927,8 @@ if __name__ == "__main__":
     try:
         for iteration in range(1, args.num_iterations + 1):
             frac = 1.0 - (iteration - 1.0) / args.num_iterations if args.anneal_lr else 1.0
-            if args.lr_warmup_iters:  # Adam's first steps on a transformer are the least reliable
+            # Adam's first steps move each weight by about lr, whatever its gradient: its variance estimate rests on few samples
+            if args.lr_warmup_iters:
                 frac *= min(1.0, iteration / args.lr_warmup_iters)
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
