@@ -78,8 +78,8 @@ class Args:
     """the number of steps per environment per rollout"""
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over the run"""
-    lr_warmup_iters: int = 0
-    """(beyond the paper) raise the learning rate linearly over this many first iterations, times the annealing"""
+    lr_warmup_iters: int = 40
+    """(beyond the paper) raise the learning rate linearly over this many first iterations, times the annealing; 0: none"""
     gamma: float = 0.98
     """the discount factor gamma"""
     gae_lambda: float = 0.8
