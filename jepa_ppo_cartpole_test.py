@@ -801,6 +801,7 @@ def test_defaults_are_the_papers_best_configuration():
     assert (args.jepa, args.rl_grad, args.var_reg) == (True, True, False)
     assert args.embed_dim == 64 and args.ema_tau == 0.99 and args.total_timesteps == 100_000
     assert args.batch_size == args.num_envs * args.num_steps
+    assert args.lr_warmup_iters == 40  # beyond the paper; adopted after screening, every result since uses it
 
 
 def test_run_directories_are_unique(tmp_path, monkeypatch):
@@ -841,6 +842,12 @@ def test_warmup_schedule_in_the_loop_and_frame_diffs_smoke(tmp_path):
     logged = run_once([*CONFIGS["2"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "2", "--frame-diffs"], tmp_path)
     assert [lr for _, lr in logged["charts/learning_rate"]] == pytest.approx([5e-4, 7.5e-4, 5e-4, 2.5e-4])
     assert all(np.isfinite(v) for _, v in logged["losses/jepa_loss"])
+
+
+def test_no_warmup_gives_the_plain_annealing_in_the_loop(tmp_path):
+    """--lr-warmup-iters 0, the setting of every result before the warm-up became the default: linear annealing alone."""
+    logged = run_once([*CONFIGS["1"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "0"], tmp_path)
+    assert [lr for _, lr in logged["charts/learning_rate"]] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 def test_cnn_encoder_runs_the_loop(tmp_path):

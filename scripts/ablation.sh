@@ -38,12 +38,13 @@ declare -A ingredients=(
   [ema-tau-0]="--ema-tau 0"                        # the target a copy of the x-encoder at every step
 )
 names="${only:-defaults fresh-targets no-ink no-final-ln weight-decay ema-per-iteration no-ink-no-final-ln ema-tau-0}"
+# the ablation's table was run before the warm-up became the default: it stays off here so that the script reproduces it
 commands=""
 for name in $names; do
   [ -n "${ingredients[$name]+set}" ] || { echo "error: --only takes names from: ${!ingredients[*]}, got '$name'" >&2; exit 2; }
   [ "$dry_run" = 1 ] || mkdir -p "$logdir/$name"
   commands+=$(bash scripts/reproduce.sh --dry-run --configs "$configs" --seeds "$seeds" --logdir "$logdir/$name" \
-    --flags "--total-timesteps 50000 ${ingredients[$name]}")$'\n'
+    --flags "--total-timesteps 50000 --lr-warmup-iters 0 ${ingredients[$name]}")$'\n'
 done
 if [ "$dry_run" = 1 ]; then
   printf '%s' "$commands"
