@@ -119,6 +119,9 @@ class Args:
     """if toggled (beyond the paper), the encoder reads frames t-2 and t-1 as the differences t-1 - (t-2) and
     t - (t-1), frame t as it is: the same information, but each per-frame token then holds its patch's motion.
     Where the first layer sees all three frames (--tubelets, --encoder cnn) it only reparametrises that layer"""
+    frame_gap: int = 1
+    """(beyond the paper) steps between the three frames: the x-encoder reads frames (t-2g, t-g, t), the y-encoder
+    (t+1-2g, t+1-g, t+1); 1 is the paper's last three frames. A wider gap shows a larger motion between them"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -181,7 +184,7 @@ class Args:
 def check_args(args: Args) -> Optional[str]:
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
     positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
-                "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
+                "frame_width", "frame_gap", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
                 "eval_episodes", "probe_every", "image_every", "learning_rate", "clip_coef", "max_grad_norm"]
     for name in positive:
         if not getattr(args, name) > 0:
@@ -336,13 +339,18 @@ def make_envs(num_envs: int):
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-def initial_stack(states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, 4) first states of episodes -> (N, 3, H, W): the missing earlier frames repeat the first."""
-    return render_cartpole(states, height, width)[:, None].repeat(1, 3, 1, 1)
+def initial_stack(states: torch.Tensor, height: int, width: int, length: int = 3) -> torch.Tensor:
+    """(N, 4) first states of episodes -> (N, length, H, W): the missing earlier frames repeat the first."""
+    return render_cartpole(states, height, width)[:, None].repeat(1, length, 1, 1)
+
+
+def encoder_view(history: torch.Tensor) -> torch.Tensor:
+    """(N, 2g + 1, H, W) frames t-2g .. t -> (N, 3, H, W) frames (t-2g, t-g, t): the encoder's input (--frame-gap g)."""
+    return history[:, ::(history.shape[1] - 1) // 2]
 
 
 def push_frame(stack: torch.Tensor, frame: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) frames (t-2, t-1, t) -> (t-1, t, t+1); a new episode repeats its first frame."""
+    """(N, L, H, W) frames (t-L+1, ..., t) -> (t-L+2, ..., t+1); a new episode repeats its first frame."""
     shifted = torch.cat([stack[:, 1:], frame[:, None]], dim=1)
     restarted = frame[:, None].expand_as(stack)
     return torch.where(episode_start[:, None, None, None], restarted, shifted)
@@ -572,12 +580,13 @@ PROBE_STATES = 512  # half to fit the probe, half to score it
 PROBE_BOX = np.array([2.0, 1.5, 0.12, 1.5])  # |x|, |x_dot|, |theta|, |theta_dot|: two steps stay inside the limits
 
 
-def make_probe_set(seed: int, height: int, width: int, device) -> tuple:
+def make_probe_set(seed: int, height: int, width: int, device, gap: int = 1) -> tuple:
     """Fixed frame stacks (PROBE_STATES, 3, H, W) and their true states (PROBE_STATES, 4) for the linear probe.
 
-    States are drawn uniformly from PROBE_BOX and played two steps forward by Gymnasium with random pushes,
-    so each stack shows real motion; the label is the state of its last frame. Independent states, unlike
-    the rows of a rollout, so fitting on one half and scoring on the other measures what the embedding holds.
+    States are drawn uniformly from PROBE_BOX and played 2 * gap steps forward by Gymnasium with random pushes,
+    so each stack (frames 0, gap, 2 gap) shows real motion; the label is the state of its last frame. Independent
+    states, unlike the rows of a rollout, so fitting on one half and scoring on the other measures what the
+    embedding holds. With a gap above 1 a pole may pass Gymnasium's limits: it is drawn there, not reset.
     """
     rng = np.random.default_rng(seed)
     envs = gym.make_vec("CartPole-v1", num_envs=PROBE_STATES, vectorization_mode="vector_entry_point")
@@ -585,10 +594,12 @@ def make_probe_set(seed: int, height: int, width: int, device) -> tuple:
     envs.unwrapped.state = rng.uniform(-PROBE_BOX, PROBE_BOX, size=(PROBE_STATES, 4)).T  # Gymnasium's (4, N) layout
     state = torch.as_tensor(envs.unwrapped.state.T, dtype=torch.float32, device=device)
     frames = [render_cartpole(state, height, width)]
-    for _ in range(2):
+    for step in range(1, 2 * gap + 1):
         state, *_ = envs.step(rng.integers(0, 2, PROBE_STATES))
+        envs.unwrapped.prev_done[:] = False  # no NEXT_STEP autoreset inside a probe stack
         state = torch.as_tensor(state, device=device)
-        frames.append(render_cartpole(state, height, width))
+        if step % gap == 0:
+            frames.append(render_cartpole(state, height, width))
     envs.close()
     return torch.stack(frames, dim=1), state
 
@@ -668,12 +679,12 @@ def play_greedy(encoder, actor, args: Args, episodes: int, seed: int, gif_path: 
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
     state = torch.as_tensor(state, device=device)
-    stack = initial_stack(state, args.frame_height, args.frame_width)
+    stack = initial_stack(state, args.frame_height, args.frame_width, 2 * args.frame_gap + 1)
     is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
     draw = lambda state: render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy()
     returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), [draw(state)] if gif_path else []
     while not finished.all():
-        action = actor(encoder(stack)).argmax(-1)
+        action = actor(encoder(encoder_view(stack))).argmax(-1)
         state, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, args.frame_height, args.frame_width)
         if gif_path and not finished[0]:  # NEXT_STEP autoreset: the step that ends an episode returns its last state
             gif_frames.append(draw(state))
@@ -763,13 +774,13 @@ def make_rollout_storage(args: Args, device) -> dict:
 def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict, timings: dict) -> list:
     """Play one rollout with the current policy into `rollout` (in place); return the episodes that ended.
 
-    `env_state` carries the environments' current state, stack and reset-step flags from one rollout to the
-    next. The reward, termination and done of row t are those that row t's action produced. Each ended
-    episode comes back as (row, return, length)."""
+    `env_state` carries the environments' current state, frame history (`encoder_view` picks the stack from it)
+    and reset-step flags from one rollout to the next. The reward, termination and done of row t are those that
+    row t's action produced. Each ended episode comes back as (row, return, length)."""
     episodes = []
     for step in range(rollout["actions"].shape[0]):
         t0 = time.perf_counter()
-        stack = env_state["stack"]
+        stack = encoder_view(env_state["stack"])
         rollout["stacks"][step], rollout["states"][step], rollout["valid"][step] = stack, env_state["state"], ~env_state["is_reset_step"]
         with torch.no_grad():
             h = encoder.pre_norm(stack)
@@ -783,13 +794,13 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
         timings["inference"] += t1 - t0
 
         state, reward, terminated, done, next_stack, info = step_envs(
-            envs, action, stack, env_state["is_reset_step"], stack.shape[2], stack.shape[3])
+            envs, action, env_state["stack"], env_state["is_reset_step"], stack.shape[2], stack.shape[3])
         rollout["rewards"][step], rollout["terminations"][step], rollout["dones"][step] = reward, terminated, done
         env_state.update(state=state, stack=next_stack, is_reset_step=done)
         if "_episode" in info:
             episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])) for i in np.flatnonzero(info["_episode"])]
         timings["env"] += time.perf_counter() - t1
-    rollout["stacks"][-1] = env_state["stack"]
+    rollout["stacks"][-1] = encoder_view(env_state["stack"])
     return episodes
 
 
@@ -911,7 +922,7 @@ if __name__ == "__main__":
 
     # Linear probes ask what the embedding holds about the true state: on a fixed set of stacks spread over
     # the state space, and on the states the policy has visited lately (its recent rollouts, re-embedded)
-    probe_stacks, probe_states = make_probe_set(args.seed, H, W, device)
+    probe_stacks, probe_states = make_probe_set(args.seed, H, W, device, args.frame_gap)
     onpolicy_pool = deque(maxlen=ONPOLICY_PROBE_ROLLOUTS)
 
     global_step, start_time = 0, time.time()
@@ -920,9 +931,9 @@ if __name__ == "__main__":
     first_state, _ = envs.reset(seed=args.seed)
     first_state = torch.as_tensor(first_state, device=device)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
-    env_state = {"state": first_state, "stack": initial_stack(first_state, H, W),
+    env_state = {"state": first_state, "stack": initial_stack(first_state, H, W, 2 * args.frame_gap + 1),
                  "is_reset_step": torch.zeros(args.num_envs, dtype=torch.bool, device=device)}
-    writer.add_image("observations/frame_stacks", env_state["stack"][:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
+    writer.add_image("observations/frame_stacks", encoder_view(env_state["stack"])[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
 
     try:
         for iteration in range(1, args.num_iterations + 1):

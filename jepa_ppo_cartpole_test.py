@@ -470,6 +470,17 @@ def test_probe_set_holds_real_moving_stacks_labelled_by_their_last_frame():
     assert torch.equal(stacks, again)
 
 
+def test_probe_set_with_a_frame_gap_shows_frames_gap_steps_apart():
+    """--frame-gap 2: frames 0, 2, 4 of one real trajectory each (its frames 1 and 3 are played, not shown)."""
+    stacks, states = jp.make_probe_set(seed=3, height=32, width=96, device="cpu", gap=2)
+    assert stacks.shape == (jp.PROBE_STATES, 3, 32, 96) and torch.equal(stacks[:, 2], jp.render_cartpole(states, 32, 96))
+    plain, _ = jp.make_probe_set(seed=3, height=32, width=96, device="cpu")
+    assert torch.equal(stacks[:, 0], plain[:, 0]) and torch.equal(stacks[:, 1], plain[:, 2])  # same start, same pushes
+    # the motion from first to last frame is larger than over the plain stack's two steps
+    moved = lambda s: (s[:, 2].float() - s[:, 0].float()).abs().sum((1, 2)).mean()
+    assert moved(stacks) > 1.5 * moved(plain)
+
+
 def test_onpolicy_probe_fits_on_half_the_environments_and_scores_on_the_rest(monkeypatch):
     """Each stack carries a row id in a pixel; the stub encoder reads it back, the label holds it too."""
     T, N, pool, ids = 4, 6, [], iter(range(1, 256))
@@ -550,6 +561,34 @@ def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_ca
     torch.testing.assert_close(rollout["values"].flatten(), critic(s_x).flatten().detach(), rtol=1e-5, atol=1e-5)
     logprobs = torch.log_softmax(logits, -1).gather(1, rollout["actions"].flatten()[:, None])[:, 0]
     torch.testing.assert_close(rollout["logprobs"].flatten(), logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_gap_feeds_the_encoder_frames_gap_steps_apart_and_restarts_episodes():
+    """--frame-gap 2: the stack stored for row t is frames (t-4, t-2, t) of its episode; its first rows repeat the
+    episode's first frame where the earlier ones are missing; the JEPA target (row t + 1) is frames (t-3, t-1, t+1)."""
+    args = small_args(num_envs=2, num_steps=48, frame_gap=2)
+    torch.manual_seed(0)
+    encoder, _, _, actor, critic, _ = jp.make_agent(args, "cpu")
+    envs = jp.make_envs(2)
+    state = torch.as_tensor(envs.reset(seed=1)[0])
+    env_state = {"state": state, "stack": jp.initial_stack(state, 32, 96, 5), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
+    rollout = jp.make_rollout_storage(args, "cpu")
+    jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, {"env": 0.0, "inference": 0.0})
+    envs.close()
+    frames = jp.render_cartpole(rollout["states"].flatten(0, 1), 32, 96).view(48, 2, 32, 96)  # frame of each row
+    stacks, valid, checked = rollout["stacks"], rollout["valid"], 0
+    for n in range(2):
+        start = 0
+        for t in range(48):
+            if not valid[t, n]:
+                start = t + 1  # the reset row: the next episode starts at row t + 1 (its first state)
+                continue
+            # the earlier frames of an episode's first rows are its first frame; the reset row shows that state too
+            expected = [frames[max(t - k, start), n] for k in (4, 2, 0)]
+            assert all(torch.equal(stacks[t, n, i], expected[i]) for i in range(3)), (t, n)
+            checked += 1
+    assert checked > 60 and (~valid).sum() >= 2
+    assert torch.equal(stacks[-1], jp.encoder_view(env_state["stack"]))
 
 
 def labelled_rollout(T=4, N=2):
@@ -748,6 +787,7 @@ def test_update_stops_on_a_non_finite_loss():
     (["--encoder", "cnn", "--patch-size", "4", "--frame-height", "12"], "--encoder cnn"),
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--num-envs", "eight"], "--num-envs"),
+    (["--frame-gap", "0"], "--frame-gap"),
 ])
 def test_bad_flags_exit_with_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -838,8 +878,9 @@ def test_each_configuration_logs_every_tag(config, tmp_path):
 
 def test_warmup_schedule_in_the_loop_and_frame_diffs_smoke(tmp_path):
     """--lr-warmup-iters 2 over 4 iterations: the rate rises over the first two, times the linear annealing
-    (--frame-diffs rides along as a smoke test of the loop; its inputs are tested above)."""
-    logged = run_once([*CONFIGS["2"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "2", "--frame-diffs"], tmp_path)
+    (--frame-diffs and --frame-gap ride along as a smoke test of the loop; their inputs are tested above)."""
+    logged = run_once([*CONFIGS["2"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "2", "--frame-diffs",
+                       "--frame-gap", "2"], tmp_path)
     assert [lr for _, lr in logged["charts/learning_rate"]] == pytest.approx([5e-4, 7.5e-4, 5e-4, 2.5e-4])
     assert all(np.isfinite(v) for _, v in logged["losses/jepa_loss"])
 
