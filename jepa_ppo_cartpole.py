@@ -147,6 +147,9 @@ class Args:
     """weight of the JEPA loss (the paper gives none: 1)"""
     var_coef: float = 1.0
     """weight of the variance loss when --var-reg is on"""
+    balance_grads: bool = False
+    """(beyond the paper) rescale the gradient that the RL losses and the self-supervised losses (JEPA, variance)
+    each send into the encoder through s_x to unit norm per minibatch, so that neither drowns the other"""
     ema_tau: float = 0.99
     """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
     ema_per_iteration: bool = False
@@ -716,10 +719,26 @@ def compute_advantages(rewards, values, next_value, terminations, dones, gamma, 
     return advantages
 
 
+class UnitGrad(torch.autograd.Function):
+    """Identity forward; backward rescales the incoming gradient (over the whole minibatch) to unit norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / (grad.norm() + 1e-12)
+
+
 def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) -> dict:
     """PPO's clipped losses plus the JEPA and variance losses on one minibatch; "loss" is their weighted sum."""
     s_x = encoder(mb["stacks"])
-    s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
+    # --balance-grads: each group of losses reaches the encoder through its own UnitGrad; heads and predictor
+    # still get their own gradients unchanged
+    s_ssl = UnitGrad.apply(s_x) if args.balance_grads else s_x
+    s_rl = UnitGrad.apply(s_x) if args.balance_grads else s_x
+    s_rl = s_rl if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
     probs = Categorical(logits=actor(s_rl), validate_args=False)
     newlogprob, entropy = probs.log_prob(mb["actions"]), probs.entropy().mean()
     newvalue = critic(s_rl).flatten()
@@ -739,9 +758,9 @@ def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) ->
 
     # Without --jepa the predictor still trains, on detached embeddings, so that losses/jepa_loss
     # stays a comparable measure of how predictable s_y is; no JEPA gradient reaches the encoder.
-    prediction = predictor(s_x if args.jepa else s_x.detach(), mb["actions"])
+    prediction = predictor(s_ssl if args.jepa else s_x.detach(), mb["actions"])
     j_loss = jepa_loss(prediction, mb["targets"])
-    var_loss = variance_loss(s_x)
+    var_loss = variance_loss(s_ssl)
     loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.jepa_coef * j_loss
     if args.var_reg:
         loss = loss + args.var_coef * var_loss
