@@ -418,8 +418,9 @@ def test_encoder_gradient_comes_from_exactly_the_configured_losses(flags, weight
 
 @pytest.mark.parametrize("config", ["1", "2", "4"])
 def test_balance_grads_sends_each_group_of_losses_into_the_encoder_at_unit_norm(config):
-    """--balance-grads: the encoder's gradient is the back-propagation of g_rl / |g_rl| + g_ssl / |g_ssl|, with g the
-    gradients at s_x of the RL losses and of the self-supervised ones (JEPA + variance); heads and predictor unchanged."""
+    """--balance-grads: the encoder's gradient is the back-propagation of the sum of g / |g| over the gradients g at
+    s_x of the policy loss, the value loss and the self-supervised losses (JEPA + variance); heads and predictor
+    unchanged."""
     flags = {"1": dict(jepa=False), "2": {}, "4": dict(rl_grad=False, var_reg=True)}[config]
     args, encoder, predictor, actor, critic = make_models(balance_grads=True, **flags)
     mb = fake_minibatch(args, n=32)
@@ -430,12 +431,13 @@ def test_balance_grads_sends_each_group_of_losses_into_the_encoder_at_unit_norm(
     plain = small_args(**flags)
     s_leaf = encoder(mb["stacks"]).detach().requires_grad_()
     losses = jp.minibatch_losses(plain, lambda stacks: s_leaf, predictor, actor, critic, mb)
-    ppo = losses["policy_loss"] - plain.ent_coef * losses["entropy"] + plain.vf_coef * losses["value_loss"]
+    policy = losses["policy_loss"] - plain.ent_coef * losses["entropy"]
     ssl = plain.jepa_coef * losses["jepa_loss"] + (plain.var_coef * losses["var_loss"] if plain.var_reg else 0)
     unit = lambda g: g / g.norm()
     g_s = torch.zeros_like(s_leaf)
     if plain.rl_grad:
-        g_s += unit(torch.autograd.grad(ppo, s_leaf, retain_graph=True)[0])
+        g_s += unit(torch.autograd.grad(policy, s_leaf, retain_graph=True)[0])
+        g_s += unit(torch.autograd.grad(plain.vf_coef * losses["value_loss"], s_leaf, retain_graph=True)[0])
     if plain.jepa:
         g_s += unit(torch.autograd.grad(ssl, s_leaf, retain_graph=True)[0])
     expected = torch.autograd.grad(encoder(mb["stacks"]), list(encoder.parameters()), grad_outputs=g_s)
