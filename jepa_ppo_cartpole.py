@@ -147,10 +147,6 @@ class Args:
     """weight of the JEPA loss (the paper gives none: 1)"""
     var_coef: float = 1.0
     """weight of the variance loss when --var-reg is on"""
-    balance_grads: bool = False
-    """(beyond the paper) rescale the gradients that the policy loss (with the entropy bonus), the value loss and
-    the self-supervised losses (JEPA, variance) each send into the encoder through s_x to unit norm per minibatch:
-    the policy's is otherwise 50 to 1,000 times smaller than the other two"""
     ema_tau: float = 0.99
     """EMA momentum of the y-encoder: theta_y <- tau * theta_y + (1 - tau) * theta_x, after every optimizer step"""
     ema_per_iteration: bool = False
@@ -720,29 +716,13 @@ def compute_advantages(rewards, values, next_value, terminations, dones, gamma, 
     return advantages
 
 
-class UnitGrad(torch.autograd.Function):
-    """Identity forward; backward rescales the incoming gradient (over the whole minibatch) to unit norm."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad / (grad.norm() + 1e-12)
-
-
 def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) -> dict:
     """PPO's clipped losses plus the JEPA and variance losses on one minibatch; "loss" is their weighted sum."""
     s_x = encoder(mb["stacks"])
-    # --balance-grads: the actor's, the critic's and the self-supervised losses each reach the encoder through a
-    # UnitGrad of their own; heads and predictor get their gradients unchanged
-    s_actor, s_critic, s_ssl = ([UnitGrad.apply(s_x) for _ in range(3)] if args.balance_grads else [s_x] * 3)
-    if not args.rl_grad:  # --no-rl-grad: PPO never reaches the encoder
-        s_actor = s_critic = s_x.detach()
-    probs = Categorical(logits=actor(s_actor), validate_args=False)
+    s_rl = s_x if args.rl_grad else s_x.detach()  # --no-rl-grad: PPO never reaches the encoder
+    probs = Categorical(logits=actor(s_rl), validate_args=False)
     newlogprob, entropy = probs.log_prob(mb["actions"]), probs.entropy().mean()
-    newvalue = critic(s_critic).flatten()
+    newvalue = critic(s_rl).flatten()
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
 
@@ -759,9 +739,9 @@ def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) ->
 
     # Without --jepa the predictor still trains, on detached embeddings, so that losses/jepa_loss
     # stays a comparable measure of how predictable s_y is; no JEPA gradient reaches the encoder.
-    prediction = predictor(s_ssl if args.jepa else s_x.detach(), mb["actions"])
+    prediction = predictor(s_x if args.jepa else s_x.detach(), mb["actions"])
     j_loss = jepa_loss(prediction, mb["targets"])
-    var_loss = variance_loss(s_ssl)
+    var_loss = variance_loss(s_x)
     loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.jepa_coef * j_loss
     if args.var_reg:
         loss = loss + args.var_coef * var_loss
