@@ -927,14 +927,21 @@ def test_collapse_diagnostics_in_the_loop(tmp_path):
 
 
 def test_same_seed_same_losses_on_cpu(tmp_path):
-    runs = []
-    for name in ["a", "b"]:
+    """Two runs of one seed log the same values, and scripts/same_logs.py says so; another seed differs."""
+    runs, run_dirs = [], []
+    for name, seed in [("a", "7"), ("b", "7"), ("c", "8")]:
         (tmp_path / name).mkdir()
-        assert run_script([*SHORT, "--seed", "7"], cwd=tmp_path / name).returncode == 0
+        assert run_script([*SHORT, "--seed", seed], cwd=tmp_path / name).returncode == 0
         (run_dir,) = glob.glob(str(tmp_path / name / "runs" / "*"))
         runs.append(scalars(run_dir))
+        run_dirs.append(run_dir)
     for tag in ["losses/policy_loss", "losses/value_loss", "losses/jepa_loss", "charts/episodic_return"]:
         assert runs[0][tag] == runs[1][tag]
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "scripts"))
+    import same_logs
+    assert same_logs.differing_tags(run_dirs[0], run_dirs[1]) == ([], len(TAGS) - 1)  # all but charts/SPS
+    differ, _ = same_logs.differing_tags(run_dirs[0], run_dirs[2])
+    assert "losses/jepa_loss" in differ and "charts/episodic_return" in differ
 
 
 def test_nan_loss_stops_with_step_and_keeps_logs(tmp_path):
