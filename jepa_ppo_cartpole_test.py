@@ -1206,3 +1206,15 @@ def test_long_runs_reads_each_run_to_its_own_horizon(tmp_path):
     write_run("long__nojepa-rlgrad-novar__s2__1", 200_000, end_200k, lambda step: 20.0)  # ... and a rerun of seed 2
     with pytest.raises(SystemExit, match="must share their length|two finished runs"):
         long_runs.load(str(tmp_path))
+
+
+def test_grad_scale_prints_the_first_row_of_the_research_log(tmp_path):
+    """scripts/grad_scale.py on seed 6: the policy loss's gradient on the encoder is thousands of times the smallest
+    at the first update, as docs/RESULTS.md reports (printed to 3 digits, so a different last digit of a float passes)."""
+    script = os.path.join(os.path.dirname(SCRIPT), "scripts", "grad_scale.py")
+    result = subprocess.run([sys.executable, script, "--seed", "6", "--iterations", "1", "--every", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2] == "| 1 | 256 | 0.0546 | 66.3 | 248 | 4542 | 3.74 |"
+    with open(os.path.join(os.path.dirname(SCRIPT), "docs", "RESULTS.md")) as log:
+        assert "| 1 | 256 | 0.0546 | 66.3 | 248 | 4542 | 3.74 |" in log.read()
