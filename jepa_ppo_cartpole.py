@@ -121,7 +121,8 @@ class Args:
     Where the first layer sees all three frames (--tubelets, --encoder cnn) it only reparametrises that layer"""
     frame_gap: int = 1
     """(beyond the paper) steps between the three frames: the x-encoder reads frames (t-2g, t-g, t), the y-encoder
-    (t+1-2g, t+1-g, t+1); 1 is the paper's last three frames. A wider gap shows a larger motion between them"""
+    (t+1-2g, t+1-g, t+1); 1 is the paper's last three frames. A wider gap shows a larger motion between them; from
+    2 on, x and y share no frame. The probe set plays 2g steps, so its R^2 values compare only at one gap"""
     tubelets: bool = False
     """if toggled, one token per patch position spanning all three frames (V-JEPA-style tubelets: 12 tokens +
     CLS instead of the paper's 36 + CLS, where each frame's patches are tokens with a frame-index position)"""
@@ -184,8 +185,9 @@ class Args:
 def check_args(args: Args) -> Optional[str]:
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
     positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
-                "frame_width", "frame_gap", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
-                "eval_episodes", "probe_every", "image_every", "learning_rate", "clip_coef", "max_grad_norm"]
+                "frame_width", "frame_gap", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "predictor_hidden", "eval_episodes", "probe_every", "image_every", "learning_rate", "clip_coef",
+                "max_grad_norm"]
     for name in positive:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
@@ -339,14 +341,15 @@ def make_envs(num_envs: int):
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-def initial_stack(states: torch.Tensor, height: int, width: int, length: int = 3) -> torch.Tensor:
+def initial_stack(states: torch.Tensor, height: int, width: int, length: int) -> torch.Tensor:
     """(N, 4) first states of episodes -> (N, length, H, W): the missing earlier frames repeat the first."""
     return render_cartpole(states, height, width)[:, None].repeat(1, length, 1, 1)
 
 
-def encoder_view(history: torch.Tensor) -> torch.Tensor:
-    """(N, 2g + 1, H, W) frames t-2g .. t -> (N, 3, H, W) frames (t-2g, t-g, t): the encoder's input (--frame-gap g)."""
-    return history[:, ::(history.shape[1] - 1) // 2]
+def encoder_view(history: torch.Tensor, gap: int) -> torch.Tensor:
+    """(N, 2 gap + 1, H, W) frames t-2gap .. t -> (N, 3, H, W) frames (t-2gap, t-gap, t): the encoder's input."""
+    assert history.shape[1] == 2 * gap + 1, f"a history of {history.shape[1]} frames does not fit --frame-gap {gap}"
+    return history[:, ::gap]
 
 
 def push_frame(stack: torch.Tensor, frame: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
@@ -679,13 +682,13 @@ def play_greedy(encoder, actor, args: Args, episodes: int, seed: int, gif_path: 
     envs = make_envs(episodes)
     state, _ = envs.reset(seed=seed)
     state = torch.as_tensor(state, device=device)
-    stack = initial_stack(state, args.frame_height, args.frame_width, 2 * args.frame_gap + 1)
+    history = initial_stack(state, args.frame_height, args.frame_width, 2 * args.frame_gap + 1)
     is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
     draw = lambda state: render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy()
     returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), [draw(state)] if gif_path else []
     while not finished.all():
-        action = actor(encoder(encoder_view(stack))).argmax(-1)
-        state, _, _, is_reset_step, stack, info = step_envs(envs, action, stack, is_reset_step, args.frame_height, args.frame_width)
+        action = actor(encoder(encoder_view(history, args.frame_gap))).argmax(-1)
+        state, _, _, is_reset_step, history, info = step_envs(envs, action, history, is_reset_step, args.frame_height, args.frame_width)
         if gif_path and not finished[0]:  # NEXT_STEP autoreset: the step that ends an episode returns its last state
             gif_frames.append(draw(state))
         if "_episode" in info:
@@ -757,7 +760,8 @@ def minibatch_losses(args: Args, encoder, predictor, actor, critic, mb: dict) ->
 # ---------------------------------------------------------------------------------------------------
 def make_rollout_storage(args: Args, device) -> dict:
     """Row t of each buffer belongs to the stack the agent saw at step t; `stacks` has one row more: the stack
-    after the last step. So row t + 1 of `stacks` holds frames (t-1, t, t+1), the y-encoder's input for row t."""
+    after the last step. So row t + 1 of `stacks` holds frames (t-1, t, t+1), the y-encoder's input for row t
+    (with --frame-gap g: t+1-2g, t+1-g, t+1)."""
     T, N, H, W, D = args.num_steps, args.num_envs, args.frame_height, args.frame_width, args.embed_dim
     zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)
     return {
@@ -771,16 +775,16 @@ def make_rollout_storage(args: Args, device) -> dict:
     }
 
 
-def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict, timings: dict) -> list:
+def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict, timings: dict, gap: int) -> list:
     """Play one rollout with the current policy into `rollout` (in place); return the episodes that ended.
 
-    `env_state` carries the environments' current state, frame history (`encoder_view` picks the stack from it)
-    and reset-step flags from one rollout to the next. The reward, termination and done of row t are those that
+    `env_state` carries the environments' current state, their last 2 gap + 1 frames (`encoder_view` picks the
+    stack from them; --frame-gap) and reset-step flags from one rollout to the next. The reward, termination and done of row t are those that
     row t's action produced. Each ended episode comes back as (row, return, length)."""
     episodes = []
     for step in range(rollout["actions"].shape[0]):
         t0 = time.perf_counter()
-        stack = encoder_view(env_state["stack"])
+        stack = encoder_view(env_state["history"], gap)
         rollout["stacks"][step], rollout["states"][step], rollout["valid"][step] = stack, env_state["state"], ~env_state["is_reset_step"]
         with torch.no_grad():
             h = encoder.pre_norm(stack)
@@ -793,14 +797,14 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
         t1 = time.perf_counter()
         timings["inference"] += t1 - t0
 
-        state, reward, terminated, done, next_stack, info = step_envs(
-            envs, action, env_state["stack"], env_state["is_reset_step"], stack.shape[2], stack.shape[3])
+        state, reward, terminated, done, next_history, info = step_envs(
+            envs, action, env_state["history"], env_state["is_reset_step"], stack.shape[2], stack.shape[3])
         rollout["rewards"][step], rollout["terminations"][step], rollout["dones"][step] = reward, terminated, done
-        env_state.update(state=state, stack=next_stack, is_reset_step=done)
+        env_state.update(state=state, history=next_history, is_reset_step=done)
         if "_episode" in info:
             episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i])) for i in np.flatnonzero(info["_episode"])]
         timings["env"] += time.perf_counter() - t1
-    rollout["stacks"][-1] = encoder_view(env_state["stack"])
+    rollout["stacks"][-1] = encoder_view(env_state["history"], gap)
     return episodes
 
 
@@ -931,9 +935,10 @@ if __name__ == "__main__":
     first_state, _ = envs.reset(seed=args.seed)
     first_state = torch.as_tensor(first_state, device=device)
     # With NEXT_STEP autoreset the step after a done only resets: it is no transition and enters no loss.
-    env_state = {"state": first_state, "stack": initial_stack(first_state, H, W, 2 * args.frame_gap + 1),
+    env_state = {"state": first_state, "history": initial_stack(first_state, H, W, 2 * args.frame_gap + 1),
                  "is_reset_step": torch.zeros(args.num_envs, dtype=torch.bool, device=device)}
-    writer.add_image("observations/frame_stacks", encoder_view(env_state["stack"])[:4].permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
+    first_stacks = encoder_view(env_state["history"], args.frame_gap)[:4]
+    writer.add_image("observations/frame_stacks", first_stacks.permute(0, 2, 1, 3).reshape(4 * H, 3 * W), 0, dataformats="HW")
 
     try:
         for iteration in range(1, args.num_iterations + 1):
@@ -943,7 +948,7 @@ if __name__ == "__main__":
                 frac *= min(1.0, iteration / args.lr_warmup_iters)
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            episodes = collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
+            episodes = collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings, args.frame_gap)
             for row, episodic_return, episodic_length in episodes:
                 recent_returns.append(episodic_return)
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step + (row + 1) * args.num_envs)

@@ -143,7 +143,7 @@ def test_push_frame_shifts_and_restarts():
 def rollout_until_done(envs, policy_action, steps=40, height=32, width=96):
     """Drive the vector env with step_envs the way the training loop does; return the rows."""
     state, _ = envs.reset(seed=3)
-    stack = jp.initial_stack(torch.as_tensor(state), height, width)
+    stack = jp.initial_stack(torch.as_tensor(state), height, width, 3)
     is_reset = torch.zeros(envs.num_envs, dtype=torch.bool)
     rows = []
     for _ in range(steps):
@@ -479,6 +479,11 @@ def test_probe_set_with_a_frame_gap_shows_frames_gap_steps_apart():
     # the motion from first to last frame is larger than over the plain stack's two steps
     moved = lambda s: (s[:, 2].float() - s[:, 0].float()).abs().sum((1, 2)).mean()
     assert moved(stacks) > 1.5 * moved(plain)
+    # with a gap of 3 some poles pass Gymnasium's 12 degrees within the 6 steps: drawn there, not reset to an upright start
+    _, far = jp.make_probe_set(seed=3, height=32, width=96, device="cpu", gap=3)
+    assert (far[:, 2].abs() > 0.2095).sum() >= 10
+    start = np.random.default_rng(3).uniform(-jp.PROBE_BOX, jp.PROBE_BOX, size=(jp.PROBE_STATES, 4))  # make_probe_set's draw
+    assert ((far[:, 0] - torch.tensor(start[:, 0], dtype=torch.float32)).abs() < 0.4).all()  # no cart jumped back to 0
 
 
 def test_onpolicy_probe_fits_on_half_the_environments_and_scores_on_the_rest(monkeypatch):
@@ -528,9 +533,9 @@ def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_ca
     envs = jp.make_envs(args.num_envs)
     state, _ = envs.reset(seed=1)
     state = torch.as_tensor(state)
-    env_state = {"state": state, "stack": jp.initial_stack(state, 32, 96), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
+    env_state = {"state": state, "history": jp.initial_stack(state, 32, 96, 3), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
     rollout, timings = jp.make_rollout_storage(args, "cpu"), {"env": 0.0, "inference": 0.0}
-    episodes = jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
+    episodes = jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings, 1)
     envs.close()
     valid, dones, rewards = rollout["valid"], rollout["dones"].bool(), rollout["rewards"]
     assert dones.sum() >= 2 and len(episodes) == int(dones.sum())  # random CartPole episodes last about 22 steps
@@ -551,7 +556,7 @@ def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_ca
     stacks = rollout["stacks"]
     assert torch.equal(stacks[1:-1, :, :2][same_episode], stacks[:-2, :, 1:][same_episode])
     assert torch.equal(stacks[:-1, :, 2].flatten(0, 1), jp.render_cartpole(rollout["states"].flatten(0, 1), 32, 96))
-    assert torch.equal(stacks[-1], env_state["stack"])
+    assert torch.equal(stacks[-1], env_state["history"])
     # what the rollout stored is what the policy computed on the stored stack
     with torch.no_grad():
         s_x = encoder(stacks[:-1].flatten(0, 1))
@@ -565,30 +570,32 @@ def test_collect_rollout_aligns_rewards_dones_and_resets_with_the_action_that_ca
 
 def test_frame_gap_feeds_the_encoder_frames_gap_steps_apart_and_restarts_episodes():
     """--frame-gap 2: the stack stored for row t is frames (t-4, t-2, t) of its episode; its first rows repeat the
-    episode's first frame where the earlier ones are missing; the JEPA target (row t + 1) is frames (t-3, t-1, t+1)."""
+    episode's first frame where the earlier ones are missing; the JEPA target (row t + 1) is frames (t-3, t-1, t+1),
+    the reset row of NEXT_STEP autoreset included: it ends the old episode, at its terminal state."""
     args = small_args(num_envs=2, num_steps=48, frame_gap=2)
     torch.manual_seed(0)
     encoder, _, _, actor, critic, _ = jp.make_agent(args, "cpu")
     envs = jp.make_envs(2)
     state = torch.as_tensor(envs.reset(seed=1)[0])
-    env_state = {"state": state, "stack": jp.initial_stack(state, 32, 96, 5), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
+    env_state = {"state": state, "history": jp.initial_stack(state, 32, 96, 5), "is_reset_step": torch.zeros(2, dtype=torch.bool)}
     rollout = jp.make_rollout_storage(args, "cpu")
-    jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, {"env": 0.0, "inference": 0.0})
+    jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, {"env": 0.0, "inference": 0.0}, 2)
     envs.close()
     frames = jp.render_cartpole(rollout["states"].flatten(0, 1), 32, 96).view(48, 2, 32, 96)  # frame of each row
     stacks, valid, checked = rollout["stacks"], rollout["valid"], 0
     for n in range(2):
         start = 0
         for t in range(48):
-            if not valid[t, n]:
-                start = t + 1  # the reset row: the next episode starts at row t + 1 (its first state)
-                continue
-            # the earlier frames of an episode's first rows are its first frame; the reset row shows that state too
+            # the earlier frames of an episode's first rows are its first frame; a reset row still shows the old episode
             expected = [frames[max(t - k, start), n] for k in (4, 2, 0)]
             assert all(torch.equal(stacks[t, n, i], expected[i]) for i in range(3)), (t, n)
             checked += 1
-    assert checked > 60 and (~valid).sum() >= 2
-    assert torch.equal(stacks[-1], jp.encoder_view(env_state["stack"]))
+            if not valid[t, n]:
+                start = t + 1  # the reset row: the next episode starts at row t + 1 (its first state)
+    assert checked == 96 and (~valid).sum() >= 2
+    assert torch.equal(stacks[-1], jp.encoder_view(env_state["history"], 2))
+    with pytest.raises(AssertionError, match="does not fit --frame-gap 2"):  # a history built for another gap
+        jp.encoder_view(jp.initial_stack(state, 32, 96, 3), 2)
 
 
 def labelled_rollout(T=4, N=2):
@@ -927,11 +934,12 @@ def test_collapse_diagnostics_in_the_loop(tmp_path):
 
 
 def test_same_seed_same_losses_on_cpu(tmp_path):
-    """Two runs of one seed log the same values, and scripts/same_logs.py says so; another seed differs."""
+    """Two runs of one seed log the same values, and scripts/same_logs.py says so; another seed differs, and so does
+    the same seed with --frame-gap 2 (the loop feeds its encoder other stacks, not only its probe)."""
     runs, run_dirs = [], []
-    for name, seed in [("a", "7"), ("b", "7"), ("c", "8")]:
+    for name, flags in [("a", ["--seed", "7"]), ("b", ["--seed", "7"]), ("c", ["--seed", "8"]), ("d", ["--seed", "7", "--frame-gap", "2"])]:
         (tmp_path / name).mkdir()
-        assert run_script([*SHORT, "--seed", seed], cwd=tmp_path / name).returncode == 0
+        assert run_script([*SHORT, *flags], cwd=tmp_path / name).returncode == 0
         (run_dir,) = glob.glob(str(tmp_path / name / "runs" / "*"))
         runs.append(scalars(run_dir))
         run_dirs.append(run_dir)
@@ -942,6 +950,8 @@ def test_same_seed_same_losses_on_cpu(tmp_path):
     assert same_logs.differing_tags(run_dirs[0], run_dirs[1]) == ([], len(TAGS) - 1)  # all but charts/SPS
     differ, _ = same_logs.differing_tags(run_dirs[0], run_dirs[2])
     assert "losses/jepa_loss" in differ and "charts/episodic_return" in differ
+    differ, _ = same_logs.differing_tags(run_dirs[0], run_dirs[3])
+    assert "losses/jepa_loss" in differ and "losses/value_loss" in differ
 
 
 def test_nan_loss_stops_with_step_and_keeps_logs(tmp_path):
@@ -1055,6 +1065,7 @@ def test_play_greedy_records_the_first_episode_to_its_last_state(tmp_path):
     expected = jp.render_cartpole(torch.tensor(np.array(states[-1:]), dtype=torch.float32), 160, 600)[0].numpy()
     assert np.abs(last.astype(int) - expected).max() <= 1
     assert 1 < mean_return < 30  # pushing right only falls within a few dozen steps
+    assert 1 < jp.play_greedy(encoder, actor, small_args(frame_gap=2), episodes=2, seed=5) < 30  # a history of 5 frames
 
 
 def test_checkpoint_saves_and_plays_greedy_episodes(tmp_path):

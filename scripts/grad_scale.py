@@ -5,7 +5,7 @@
 Trains with the training file's own functions and default flags (configuration 2, the warm-up and annealing
 schedule of a 100k-step run) and, on the first minibatch of every --every-th iteration's batch, prints the norm
 of the gradient that the policy loss, the value loss (times vf_coef) and the JEPA loss each put on the x-encoder's
-parameters. --balance-grads exists because the policy's is the smallest by far.
+parameters (the third screening round in docs/RESULTS.md, and its scratch --balance-grads, rest on these).
 """
 
 import argparse
@@ -37,14 +37,14 @@ def main():
     encoder, target_encoder, predictor, actor, critic, optimizer = jp.make_agent(args, "cpu")
     envs = jp.make_envs(args.num_envs)
     state = torch.as_tensor(envs.reset(seed=args.seed)[0])
-    env_state = {"state": state, "stack": jp.initial_stack(state, args.frame_height, args.frame_width),
+    env_state = {"state": state, "history": jp.initial_stack(state, args.frame_height, args.frame_width, 3),
                  "is_reset_step": torch.zeros(args.num_envs, dtype=torch.bool)}
     rollout, timings = jp.make_rollout_storage(args, "cpu"), {"env": 0.0, "inference": 0.0}
     print("| iteration | steps | policy | value | JEPA | JEPA / policy | JEPA / value |\n|---|---|---|---|---|---|---|")
     for iteration in range(1, cli.iterations + 1):
-        frac = (1.0 - (iteration - 1.0) / args.num_iterations) * min(1.0, iteration / args.lr_warmup_iters)
+        frac = (1.0 - (iteration - 1.0) / args.num_iterations) * min(1.0, iteration / args.lr_warmup_iters)  # the defaults' schedule
         optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-        jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings)
+        jp.collect_rollout(envs, encoder, actor, critic, rollout, env_state, timings, 1)
         batch = jp.make_batch(args, rollout, encoder, target_encoder, critic)
         if (iteration - 1) % cli.every == 0:
             losses = jp.minibatch_losses(args, encoder, predictor, actor, critic, {k: v[:args.minibatch_size] for k, v in batch.items()})

@@ -18,8 +18,9 @@ TIMINGS = ("perf/", "charts/SPS")
 def differing_tags(run_a, run_b):
     (a, _), (b, _) = read_events(run_a), read_events(run_b)
     tags = sorted(tag for tag in set(a) | set(b) if not tag.startswith(TIMINGS))
+    same = lambda x, y: x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()  # NaN and -0.0 too
     return [tag for tag in tags if tag not in a or tag not in b or not (
-        len(a[tag][0]) == len(b[tag][0]) and (a[tag][0] == b[tag][0]).all() and (a[tag][1] == b[tag][1]).all())], len(tags)
+        same(a[tag][0], b[tag][0]) and same(a[tag][1], b[tag][1]))], len(tags)
 
 
 def main():
