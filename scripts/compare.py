@@ -45,8 +45,9 @@ def plot(sweeps, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True, constrained_layout=True)
-    for ax, (configuration, label, _) in zip(axes, CONFIGURATIONS):
+    shown = [c for c in CONFIGURATIONS if any(c[0] in sweep for _, sweep in sweeps)]  # a panel per configuration run
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4.2), sharey=True, constrained_layout=True, squeeze=False)
+    for ax, (configuration, label, _) in zip(axes[0], shown):
         for (name, sweep), color in zip(sweeps, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
             if configuration not in sweep:
                 continue
@@ -56,7 +57,7 @@ def plot(sweeps, path):
         ax.set_title(label)
         ax.set_xlabel("environment steps")
         ax.legend(loc="upper left")
-    axes[0].set_ylabel("running mean return (last 20 episodes)")
+    axes[0, 0].set_ylabel("running mean return (last 20 episodes)")
     fig.suptitle("Encoders side by side: mean over seeds (line), 95% bootstrap interval of the mean (band)")
     fig.savefig(path, dpi=110)
 
