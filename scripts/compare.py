@@ -46,7 +46,8 @@ def plot(sweeps, path):
     import matplotlib.pyplot as plt
 
     shown = [c for c in CONFIGURATIONS if any(c[0] in sweep for _, sweep in sweeps)]  # a panel per configuration run
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4.2), sharey=True, constrained_layout=True, squeeze=False)
+    width = 4.5 if len(shown) > 2 else 7.0  # room for the legend's long labels when there are few panels
+    fig, axes = plt.subplots(1, len(shown), figsize=(width * len(shown), 4.2), sharey=True, constrained_layout=True, squeeze=False)
     for ax, (configuration, label, _) in zip(axes[0], shown):
         for (name, sweep), color in zip(sweeps, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
             if configuration not in sweep:
@@ -56,7 +57,7 @@ def plot(sweeps, path):
             ax.fill_between(GRID, *bootstrap_ci(curves, np.mean), color=color, alpha=0.2)
         ax.set_title(label)
         ax.set_xlabel("environment steps")
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", fontsize="small")
     axes[0, 0].set_ylabel("running mean return (last 20 episodes)")
     fig.suptitle("Encoders side by side: mean over seeds (line), 95% bootstrap interval of the mean (band)")
     fig.savefig(path, dpi=110)
