@@ -779,8 +779,9 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
     """Play one rollout with the current policy into `rollout` (in place); return the episodes that ended.
 
     `env_state` carries the environments' current state, their last 2 gap + 1 frames (`encoder_view` picks the
-    stack from them; --frame-gap) and reset-step flags from one rollout to the next. The reward, termination and done of row t are those that
-    row t's action produced. Each ended episode comes back as (row, return, length)."""
+    stack from them; --frame-gap) and reset-step flags from one rollout to the next. The reward, termination
+    and done of row t are those that row t's action produced. Each ended episode comes back as (row, return,
+    length)."""
     episodes = []
     for step in range(rollout["actions"].shape[0]):
         t0 = time.perf_counter()
