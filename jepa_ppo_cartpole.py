@@ -488,7 +488,7 @@ def log_update(writer, losses: dict, batch: dict, rollout: dict, learning_rate: 
     variance = embedding_variance(embeddings).item()
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
-    losses = {k: float(v) for k, v in losses.items()}
+    losses = {k: v.item() if torch.is_tensor(v) else v for k, v in losses.items()}
     scalars = {"charts/learning_rate": learning_rate,
                **{f"losses/{k}": losses[k] for k in ["value_loss", "policy_loss", "entropy", "approx_kl", "clipfrac",
                                                      "jepa_loss", "var_loss"]},

@@ -1,13 +1,14 @@
-"""Speed figures of jepa_ppo_cartpole.py on this machine, printed, never asserted.
+"""Speed figures of the reference and the lab on this machine, printed, never asserted.
 
-    python scripts/bench.py                 # drawing benchmark + a default 100k-step training run
+    python scripts/bench.py                 # drawing benchmark + a default 100k-step training run of the reference
     python scripts/bench.py --skip-training # drawing benchmark only
-    python scripts/bench.py --train-args=--tubelets   # flags for the training run (note the "=")
+    python scripts/bench.py --script jepa_ppo_cartpole_lab.py --train-args=--tubelets   # the lab (note the "=")
+    python scripts/bench.py --skip-drawing --script OTHER.py   # any other version of the file, for a comparison
 
 1. frames/s of `render_cartpole` against Gymnasium's pygame `render()` + grayscale + area downsampling to
    the same 32 x 96 crop, one thread each, in this process;
-2. a default training run in a child process: wall clock, final charts/SPS, the split of its time into
-   environment + drawing, rollout inference, update and probe (the perf/* tags), and its peak resident memory.
+2. a training run in a child process: wall clock, final charts/SPS, its peak resident memory, and (the lab only)
+   the split of its time into rollout, update and diagnostics (the perf/* tags).
 """
 
 import argparse
@@ -61,10 +62,10 @@ def bench_drawing(height, width, batch, seconds=3.0):
     return ours, theirs
 
 
-def bench_training(extra_args):
+def bench_training(script, extra_args):
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
-        subprocess.run([sys.executable, os.path.join(ROOT, "jepa_ppo_cartpole.py"), "--exp-name", "bench", *extra_args],
+        subprocess.run([sys.executable, os.path.join(ROOT, script), "--exp-name", "bench", *extra_args],
                        cwd=workdir, check=True, stdout=subprocess.DEVNULL)
         wall = time.time() - start
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
@@ -78,17 +79,22 @@ def bench_training(extra_args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-drawing", action="store_true")
+    parser.add_argument("--script", default="jepa_ppo_cartpole.py", help="the file to train with (relative to the root)")
     parser.add_argument("--train-args", default="", help="extra flags for the training run, e.g. '--total-timesteps 20000'")
     opts = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads for training: {os.environ.get('OMP_NUM_THREADS', 'torch default')}")
-    for batch in [8, 64]:
+    for batch in [] if opts.skip_drawing else [8, 64]:
         ours, theirs = bench_drawing(32, 96, batch)
         print(f"drawing 32x96, batch {batch:3d}, one thread: render_cartpole {ours:9.0f} frames/s | "
               f"Gymnasium render + downsample {theirs:6.0f} frames/s | ratio {ours / theirs:6.1f}x")
     if not opts.skip_training:
-        wall, peak_mib, last = bench_training(opts.train_args.split())
-        timed = {name: last[f"perf/{name}_seconds"] for name in ["env", "inference", "update", "probe"]}
-        print(f"training run: wall clock {wall:.1f} s (start-up included), final charts/SPS {last['charts/SPS']:.0f}")
-        print("time split: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / sum(timed.values()):.0f}%)" for name, seconds in timed.items()))
+        wall, peak_mib, last = bench_training(opts.script, opts.train_args.split())
+        print(f"training run of {opts.script}: wall clock {wall:.1f} s (start-up included), "
+              f"final charts/SPS {last['charts/SPS']:.0f}")
+        timed = {tag.split("/")[1][:-len("_seconds")]: value for tag, value in last.items() if tag.startswith("perf/")}
+        if timed:
+            print("time split: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / sum(timed.values()):.0f}%)"
+                                              for name, seconds in timed.items()))
         print(f"peak resident memory of the training process: {peak_mib:.0f} MiB")
