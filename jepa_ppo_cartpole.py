@@ -573,9 +573,9 @@ if __name__ == "__main__":
         for iteration in range(1, num_iterations + 1):
             optimizer.param_groups[0]["lr"] = learning_rate_at(args, iteration, num_iterations)
             episodes = collect_rollout(envs, encoder, actor, critic, rollout, env_state)
+            log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
             batch = make_batch(args, rollout, encoder, target_encoder, critic)
             losses = update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
-            log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
             global_step += batch_size
             log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
             log_progress(writer, global_step, start_time, recent_returns)

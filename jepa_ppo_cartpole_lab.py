@@ -18,8 +18,10 @@ The lab reuses the reference's rollout, batch, update, losses and logs; it never
 import dataclasses
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -44,7 +46,7 @@ class LabArgs(ref.Args):
     tubelets: bool = False
     """if toggled, one ViT token per patch position spanning all three frames (V-JEPA-style): 12 tokens + CLS"""
     frame_diffs: bool = False
-    """if toggled, the encoder reads frames t-2 and t-1 as the differences t-1 - (t-2) and t - (t-1), frame t as it is"""
+    """if toggled, the encoder reads frames t-2 and t-1 as their differences t-1 - (t-2) and t - (t-1), and frame t"""
     frame_gap: int = 1
     """steps between the three frames: the x-encoder reads (t-2g, t-g, t), the y-encoder (t+1-2g, t+1-g, t+1)"""
     # Ingredients of configuration 3's collapse
@@ -293,7 +295,7 @@ def attention_image(frames, attention) -> torch.Tensor:
 
 
 def frame_stacks_image(stacks) -> torch.Tensor:
-    """Up to four stacks (N, 3, H, W) -> one gray image (n H, 3 W), frames t-2, t-1, t side by side: what the agent sees."""
+    """Up to four stacks (N, 3, H, W) -> a gray image (n H, 3 W): each stack a row, frames t-2, t-1, t side by side."""
     return stacks[:4].permute(0, 2, 1, 3).flatten(2, 3).flatten(0, 1)
 
 
@@ -314,10 +316,11 @@ def load_policy(path: str, device) -> tuple:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    except Exception as e:  # on a foreign file the weights-only unpickler raises many kinds: IndexError, KeyError, ...
-        # torch.load takes tensors and plain values only: a file from elsewhere cannot run code here
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as e:
+        # what torch.load raises on a file that is no torch file; weights_only: a foreign file cannot run code here
         raise CheckpointError(f"{path} is not a model.pt written by --save-model ({type(e).__name__})") from e
-    if not isinstance(checkpoint, dict) or not {"args", "encoder", "actor"} <= checkpoint.keys():
+    parts = ("args", "encoder", "actor")
+    if not (isinstance(checkpoint, dict) and all(isinstance(checkpoint.get(part), dict) for part in parts)):
         raise CheckpointError(f"{path} is not a model.pt written by --save-model (no args, encoder or actor)")
     missing = [name for name in ARCHITECTURE if name not in checkpoint["args"]]
     if missing:
@@ -438,11 +441,11 @@ if __name__ == "__main__":
             row_states, envs.states = [env_state["state"]], []
             episodes = ref.collect_rollout(envs, encoder, actor, critic, rollout, env_state)
             row_states += [torch.as_tensor(state, device=device) for state in envs.states[:-1]]
+            ref.log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
             t1 = time.perf_counter()
             batch = lab_batch(args, rollout, encoder, target_encoder, critic)
             losses = lab_update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
             t2 = time.perf_counter()
-            ref.log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
             global_step += batch_size
             ref.log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
             # every fourth step is enough for the on-policy probe: neighbouring steps are nearly the same sample
@@ -458,7 +461,7 @@ if __name__ == "__main__":
             gif_path = os.path.join(run_dir, "greedy_episode.gif")
             greedy_return = ref.play_greedy(encoder, actor, H, W, args.eval_episodes, args.seed, gif_path, history)
             writer.add_scalar("charts/greedy_return", greedy_return, global_step)
-            print(f"mean return over {args.eval_episodes} greedy episodes: {greedy_return:.1f}; first saved to {gif_path}")
+            print(f"mean return over {args.eval_episodes} greedy episodes: {greedy_return:.1f}; first in {gif_path}")
         outcome = "finished"
     except KeyboardInterrupt:
         outcome = "interrupted"

@@ -3,7 +3,7 @@ LayerNorm removes and what it keeps.
 
     python scripts/cnn_dip.py runs/diag_relu     # every <run>/model.pt below it, written with --encoder cnn --save-model
 
-For each checkpoint, on 512 probe stacks (`make_probe_set`, seed 123), for the x-encoder at the run's own
+For each checkpoint, on 512 probe stacks (the lab's `make_probe_set`, seed 123), for the x-encoder at the run's own
 initialisation and after training:
 - per ReLU layer, the share of activations that are on, of units (channel, row, column) off on every stack, and
   of channels off at every position on every stack;
@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jepa_ppo_cartpole as jp  # noqa: E402
+import jepa_ppo_cartpole_lab as lab  # noqa: E402
 
 
 def relu_activity(encoder, x) -> tuple:
@@ -64,19 +64,22 @@ def main():
         sys.exit("no <run>/model.pt below that directory")
     for path in paths:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        args = jp.Args(**{k: v for k, v in checkpoint["args"].items() if k in jp.Args.__dataclass_fields__})
+        fields = lab.LabArgs.__dataclass_fields__
+        args = lab.LabArgs(**{k: v for k, v in checkpoint["args"].items() if k in fields})
         if args.encoder != "cnn":
             sys.exit(f"{path}: --encoder {args.encoder}, this script reads CNN checkpoints")
-        frames, _ = jp.make_probe_set(123, args.frame_height, args.frame_width, torch.device("cpu"), args.frame_gap)
+        frames, _ = lab.make_probe_set(123, args.frame_height, args.frame_width, torch.device("cpu"), args.frame_gap)
         print(os.path.basename(os.path.dirname(path)))
         for when in ["init", "trained"]:
             # the training loop seeds torch and then draws nothing before make_encoder: this is the run's own init
             torch.manual_seed(args.seed)
-            encoder = jp.make_encoder(args)
+            encoder = lab.make_encoder(args)
             if when == "trained":
                 encoder.load_state_dict(checkpoint["encoder"])
             with torch.no_grad():
-                flat, lines = relu_activity(encoder, jp.to_pixels(jp.encoder_input(frames, encoder.ink, encoder.frame_diffs), encoder.ink))
+                view = lab.encoder_input(frames, encoder.gap, encoder.ink, encoder.frame_diffs)
+                pixels = lab.to_pixels(view, encoder.ink)
+                flat, lines = relu_activity(encoder, pixels)
                 pre = encoder.fc(flat)  # (N, D)
                 image = flat.mean(0) @ encoder.fc.weight.T  # the mean conv feature through the linear layer, bias left out
                 print(f"  {when}: ReLUs " + " | ".join(lines))
