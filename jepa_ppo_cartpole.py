@@ -4,8 +4,7 @@ Kenneweg & Hammer, "JEPA for RL" (ESANN 2025, arXiv 2504.16591). Beyond the pape
     y-encoder  the same ViT fed frames (t-1, t, t+1); an EMA of the x-encoder, never given a gradient
     predictor  2-layer MLP: s_x and the one-hot action a_t -> prediction of s_y
     losses     PPO (actor, critic, entropy) + jepa_coef * ||pred - s_y||^2 (+ var_coef * L_var)
-The configurations: --jepa/--no-jepa, --rl-grad/--no-rl-grad, --var-reg/--no-var-reg. Gymnasium's CartPole dynamics;
-the agent sees only frames drawn by `render_cartpole`."""
+"""
 
 import contextlib
 import functools
@@ -63,7 +62,7 @@ class Args:
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over the run"""
     lr_warmup_iters: int = 40
-    """raise the learning rate linearly over this many first iterations, times the annealing; 0: none"""
+    """(beyond the paper) raise the learning rate linearly over this many first iterations, times the annealing"""
     gamma: float = 0.98
     """the discount factor gamma"""
     gae_lambda: float = 0.8
@@ -107,20 +106,21 @@ class Args:
 def check_args(args: Args) -> "str | None":
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
     flag = lambda name: "--" + name.replace("_", "-")
-    rules = [("must be positive", lambda v: v > 0, ["total_timesteps", "num_envs", "num_steps", "num_minibatches",
-              "update_epochs", "frame_height", "frame_width", "patch_size", "embed_dim", "depth", "num_heads",
-              "mlp_ratio", "predictor_hidden", "learning_rate", "clip_coef", "max_grad_norm"]),
-             ("must lie in [0, 1]", lambda v: 0.0 <= v <= 1.0, ["gamma", "gae_lambda", "ema_tau"]),
-             ("must be non-negative", lambda v: v >= 0.0, ["ent_coef", "vf_coef", "jepa_coef", "var_coef",
-                                                           "lr_warmup_iters"])]
+    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
+                "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
+                "learning_rate", "clip_coef", "max_grad_norm"]
+    non_negative = ["ent_coef", "vf_coef", "jepa_coef", "var_coef", "lr_warmup_iters"]
+    rules = [("must be positive", lambda v: v > 0, positive), ("must be non-negative", lambda v: v >= 0, non_negative),
+             ("must lie in [0, 1]", lambda v: 0.0 <= v <= 1.0, ["gamma", "gae_lambda", "ema_tau"])]
     for rule, holds, names in rules:
         for name in names:
             if not holds(getattr(args, name)):
                 return f"{flag(name)} {rule}, got {getattr(args, name)}"
-    # a reset row follows each episode's end: num_steps // 2 rows per env or more are transitions; a minibatch needs 2
-    if args.num_envs * (args.num_steps // 2) < 2 * args.num_minibatches:
-        return (f"--num-minibatches ({args.num_minibatches}) must leave every minibatch 2 transitions: at most "
-                f"--num-envs x (--num-steps // 2) / 2 = {args.num_envs * (args.num_steps // 2) // 2}")
+    # a reset row follows a transition, so num_steps // 2 rows per env or more are transitions; a minibatch needs 2
+    most = args.num_envs * (args.num_steps // 2) // 2
+    if args.num_minibatches > most:
+        return (f"--num-minibatches ({args.num_minibatches}) must be at most --num-envs x (--num-steps // 2) / 2 = "
+                f"{most}{' (raise --num-envs or --num-steps)' if most == 0 else ''}: a minibatch needs 2 transitions")
     if args.total_timesteps < args.num_envs * args.num_steps:
         return f"--total-timesteps must be at least --num-envs x --num-steps, got {args.total_timesteps}"
     for name in ["frame_height", "frame_width"]:
@@ -170,7 +170,7 @@ def pixel_grid(height: int, width: int, device: torch.device) -> dict:
     sx, sy = SCREEN_WIDTH / width, (CROP_BOTTOM - CROP_TOP) / height  # source pixels per output pixel
     left = torch.arange(width, device=device, dtype=torch.float32) * sx  # (W,) pixel edges
     top = CROP_TOP + torch.arange(height, device=device, dtype=torch.float32) * sy  # (H,)
-    row_coverage = lambda lo, hi: interval_coverage(*torch.tensor([lo, hi], device=device)[:, None], top, top + sy)
+    row_coverage = lambda lo, hi: interval_coverage(top.new_tensor(lo), top.new_tensor(hi), top, top + sy)
     axle_rows = slice(int((PIVOT_Y - AXLE_RADIUS - CROP_TOP) // sy), math.ceil((PIVOT_Y + AXLE_RADIUS - CROP_TOP) / sy))
     return {
         "sx": sx, "sy": sy, "left": left, "right": left + sx,
@@ -239,10 +239,9 @@ def step_envs(envs, action, stack, is_reset_step):
     step after a done (`is_reset_step`) a reset, no transition, whose first state fills the whole stack."""
     state, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
     tensor = lambda array, dtype=None: torch.as_tensor(array, dtype=dtype, device=stack.device)
-    state = tensor(state)
+    state, done = tensor(state), tensor(terminated | truncated)
     next_stack = push_frame(stack, render_cartpole(state, stack.shape[2], stack.shape[3]), is_reset_step)
-    return state, tensor(reward, torch.float32), tensor(terminated, torch.float32), tensor(terminated | truncated), \
-        next_stack, info
+    return state, tensor(reward, torch.float32), tensor(terminated, torch.float32), done, next_stack, info
 
 # -- Networks ---------------------------------------------------------------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -314,15 +313,15 @@ def make_heads(embed_dim, num_actions=2):
     critic = nn.Sequential(layer_init(nn.Linear(embed_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0))
     return actor, critic
 
-def make_encoder(args: Args) -> nn.Module:
+def make_vit(args: Args) -> ViTEncoder:
     return ViTEncoder(args.frame_height, args.frame_width, args.patch_size, args.embed_dim, args.depth, args.num_heads,
                       args.mlp_ratio)
 
-def make_agent(args: Args, device, make_encoder=make_encoder):
-    """x-encoder, y-encoder (an exact copy, never optimized), predictor, actor, critic, and one Adam over all that is
-    trained: it is elementwise, so the modules share it without sharing a step (`clip_grad_norms`)."""
-    encoder = make_encoder(args).to(device)
-    target_encoder = make_encoder(args).to(device)
+def make_agent(args: Args, device, encoder_fn=make_vit):
+    """x-encoder, y-encoder (an exact copy, never optimized; `encoder_fn` builds both), predictor, actor, critic, and
+    one Adam over all that is trained: elementwise, the modules share it without sharing a step (`clip_grad_norms`)."""
+    encoder = encoder_fn(args).to(device)
+    target_encoder = encoder_fn(args).to(device)
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)
     predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
@@ -348,7 +347,7 @@ def embedding_variance(s):
 
 def variance_loss(s_x):
     """L_var = -min(1, mean_d Var_batch(s_x)): rewards spread up to unit variance, then stops."""
-    return -embedding_variance(s_x).clamp(max=1.0)
+    return -s_x.var(dim=0).mean().clamp(max=1.0)  # embedding_variance, written out so that this copies alone
 
 def effective_rank(s):
     """exp(entropy) of the normalized singular values of the centred batch (B, D): 1 to D directions of spread."""
@@ -358,7 +357,7 @@ def effective_rank(s):
 
 def compute_advantages(rewards, values, next_value, terminations, dones, gamma, gae_lambda):
     """GAE over (num_steps, num_envs). The row after a done holds the episode's final state (NEXT_STEP autoreset): a
-    truncation bootstraps from its value, a termination does not; the done stops the reset row's advantage leaking."""
+    truncation bootstraps from its value, a termination does not; the done keeps the reset row's advantage out."""
     advantages, lastgaelam = torch.zeros_like(rewards), torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
@@ -442,8 +441,7 @@ def make_batch(args: Args, rollout: dict, encoder, target_encoder, critic) -> di
                  "values": values}
         batch = {k: v.flatten(0, 1) for k, v in batch.items()}
         batch["targets"] = target_encoder(batch.pop("next_stacks"))  # (T * N, D)
-    keep = rollout["valid"].flatten()
-    return {k: v[keep] for k, v in batch.items()}
+    return {k: v[rollout["valid"].flatten()] for k, v in batch.items()}  # the reset rows dropped
 
 def clip_grad_norms(modules: dict, max_norm: float) -> dict:
     """Clip each module's gradient by its own norm, so no loss rescales the step of a module it does not reach (the
@@ -477,9 +475,8 @@ def update(args: Args, encoder, target_encoder, predictor, actor, critic, optimi
 def learning_rate_at(args: Args, iteration: int, num_iterations: int) -> float:
     """Linear annealing to 0, times a warm-up: Adam's first steps move each weight by about lr whatever its gradient."""
     frac = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
-    if args.lr_warmup_iters:
-        frac *= min(1.0, iteration / args.lr_warmup_iters)
-    return frac * args.learning_rate
+    warmup = min(1.0, iteration / args.lr_warmup_iters) if args.lr_warmup_iters else 1.0
+    return frac * warmup * args.learning_rate
 
 def log_update(writer, losses: dict, batch: dict, rollout: dict, learning_rate: float, global_step: int):
     """CleanRL's tags, gradient norms, and the collapse indicators on the rollout's own embeddings."""
@@ -508,7 +505,8 @@ def log_episodes(writer, episodes: list, recent_returns: deque, global_step: int
         writer.add_scalar("charts/episodic_length", episodic_length, global_step + (row + 1) * num_envs)
 
 def log_progress(writer, global_step: int, start_time: float, recent_returns: deque):
-    writer.add_scalar("charts/SPS", sps := int(global_step / (time.time() - start_time)), global_step)
+    sps = int(global_step / (time.time() - start_time))
+    writer.add_scalar("charts/SPS", sps, global_step)
     print(f"step {global_step:7d} | return {np.mean(recent_returns or [np.nan]):6.1f} | SPS {sps:5d}", flush=True)
 
 def make_run_dir(args: Args) -> str:
@@ -549,8 +547,10 @@ def play_greedy(encoder, actor, height, width, episodes, seed, gif_path=None, st
 
 def start_run(args: Args, device):
     """Seeds; the run directory, its writer with every flag's value; the environments and their first state."""
-    for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = True  # on a GPU too, a seed gives one run
     run_dir = make_run_dir(args)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in

@@ -85,8 +85,10 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
     if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
         return (f"--encoder cnn needs frames of at least 16 x 16 pixels, got --frame-height {args.frame_height} "
                 f"--frame-width {args.frame_width}")
-    if args.eval_checkpoint is not None and not os.path.isfile(args.eval_checkpoint):
+    if args.eval_checkpoint is not None and not os.path.exists(args.eval_checkpoint):
         return f"--eval-checkpoint: no such file: {args.eval_checkpoint}"
+    if args.eval_checkpoint is not None and not os.path.isfile(args.eval_checkpoint):
+        return f"--eval-checkpoint: {args.eval_checkpoint} is a directory or a device, not a model.pt file"
     return None
 
 
@@ -101,6 +103,7 @@ def to_pixels(frames, ink: bool):
 def encoder_input(history, gap: int, ink: bool, frame_diffs: bool):
     """(B, 2 gap + 1, H, W) uint8 frames t-2gap .. t -> (B, 3, H, W): frames (t-2gap, t-gap, t), uint8, or with
     --frame-diffs floats (t-gap - (t-2gap), t - (t-gap), t), taken after `to_pixels` (uint8 would wrap around)."""
+    assert history.shape[1] == 2 * gap + 1, f"a history of {history.shape[1]} frames does not fit --frame-gap {gap}"
     frames = history[:, ::gap]
     if not frame_diffs:
         return frames
@@ -182,13 +185,13 @@ def uses_reference_encoder(args: LabArgs) -> bool:
 def make_encoder(args: LabArgs) -> nn.Module:
     """The reference's own ViT when no lab flag changes the encoder; else the lab's variant."""
     if uses_reference_encoder(args):
-        return ref.make_encoder(args)
+        return ref.make_vit(args)
     return CNNEncoder(args) if args.encoder == "cnn" else LabViT(args)
 
 
 def make_agent(args: LabArgs, device):
     """The reference's agent with the lab's encoder, and AdamW's decoupled weight decay when asked for."""
-    agent = ref.make_agent(args, device, make_encoder=make_encoder)
+    agent = ref.make_agent(args, device, encoder_fn=make_encoder)
     if args.weight_decay:
         agent[-1].param_groups[0].update(weight_decay=args.weight_decay, decoupled_weight_decay=True)
     return agent
@@ -317,8 +320,10 @@ def load_policy(path: str, device) -> tuple:
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as e:
-        # what torch.load raises on a file that is no torch file; weights_only: a foreign file cannot run code here
-        raise CheckpointError(f"{path} is not a model.pt written by --save-model ({type(e).__name__})") from e
+        # what torch.load raises on a file that is no torch file, or one it cannot load here (weights_only: a foreign
+        # file cannot run code); its own first line says which
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        raise CheckpointError(f"{path} is not a model.pt that loads here ({reason})") from e
     parts = ("args", "encoder", "actor")
     if not (isinstance(checkpoint, dict) and all(isinstance(checkpoint.get(part), dict) for part in parts)):
         raise CheckpointError(f"{path} is not a model.pt written by --save-model (no args, encoder or actor)")

@@ -269,7 +269,7 @@ def test_true_truncation_at_500_steps():
 
 
 # ------------------------------------------------------------------------------------------- models
-def make_models(*, args_class=jp.Args, make_encoder=jp.make_encoder, **overrides):
+def make_models(*, args_class=jp.Args, make_encoder=jp.make_vit, **overrides):
     args = args_class(**overrides)
     torch.manual_seed(0)
     encoder, predictor = make_encoder(args), jp.Predictor(args.embed_dim, args.predictor_hidden)
@@ -430,7 +430,7 @@ def test_loss_formulas():
 
 def test_y_encoder_gets_no_gradient_and_ema_math_holds():
     args, encoder, *_ = make_models()
-    target = jp.make_encoder(args)
+    target = jp.make_vit(args)
     target.load_state_dict(encoder.state_dict())
     target.requires_grad_(False)
     for a, b in zip(target.parameters(), encoder.parameters()):
@@ -830,6 +830,31 @@ def test_nan_loss_stops_with_step_and_keeps_logs(tmp_path):
     assert "charts/episodic_return" in scalars(run_dir)  # what was logged before the NaN survives
 
 
+COUNT_CLOSES = """
+import atexit, runpy, sys
+from torch.utils.tensorboard import SummaryWriter
+closes, close = [], SummaryWriter.close
+def counted_close(self):
+    closes.append(1)
+    close(self)
+SummaryWriter.close = counted_close
+atexit.register(lambda: print(f"writer closes: {len(closes)}", file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("flags", [[], ["--save-model"]])
+def test_a_non_finite_loss_closes_the_writer_once(flags, tmp_path):
+    """Guards a defect: the loop closed the writer on a non-finite loss, and again on its way out."""
+    driver = tmp_path / "count_closes.py"
+    driver.write_text(COUNT_CLOSES)
+    result = subprocess.run([sys.executable, str(driver), SCRIPT, *NAN_RUN, *flags], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and "non-finite loss" in result.stderr
+    assert "writer closes: 1" in result.stderr
+
+
 def test_a_non_finite_loss_saves_no_model(tmp_path):
     """Guards a defect: with --save-model, a run stopped by a non-finite loss saved the NaN model to model.pt (and
     said "model saved") as if it had finished. It exits with one line, keeps its logs, and saves nothing."""
@@ -927,7 +952,7 @@ def test_checkpoint_saves_the_run_and_capture_video_plays_greedy_episodes():
     assert saved["args"] == dataclasses.asdict(jp.parse_args(CHECKPOINT_RUN))
     # trained: the x-encoder left its initialisation, and the EMA moved the y-encoder after it, not onto it
     torch.manual_seed(8)
-    initial = jp.make_encoder(jp.parse_args([])).state_dict()
+    initial = jp.make_vit(jp.parse_args([])).state_dict()
     assert not any(torch.equal(initial[k], v) for k, v in saved["encoder"].items())
     assert not any(torch.equal(initial[k], v) or torch.equal(saved["encoder"][k], v)
                    for k, v in saved["target_encoder"].items())

@@ -1,12 +1,12 @@
 """Two or more sweeps side by side (for example the ViT and `--encoder cnn`), per configuration.
 
-    pip install matplotlib==3.11.2        # this script only
+    pip install -r requirements-plots.txt        # matplotlib, for the figure
     python scripts/compare.py runs/reproduce:ViT runs/reproduce_cnn:CNN --out docs/vit_vs_cnn.png
 
 Each argument is LOGDIR:LABEL, a sweep written by scripts/reproduce.sh. The statistics are those of
 scripts/plot.py (final return = mean of the episodes ending in 90k-100k steps; IQM and 95% bootstrap
-intervals over seeds); the figure draws, per configuration, each sweep's mean running return with the
-bootstrap interval of the mean as a band. Prints the table as Markdown.
+intervals over seeds); the figure draws, per configuration (in its colour), each sweep's mean running return (a
+line style per sweep) with the bootstrap interval of the mean as a band. Prints the table as Markdown.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import CONFIGURATIONS, GRID, bootstrap_ci, iqm, load_sweep  # noqa: E402
+from plot import COLORS, CONFIGURATIONS, GRID, bootstrap_ci, iqm, load_sweep  # noqa: E402
 
 
 def rows(sweeps):
@@ -49,12 +49,12 @@ def plot(sweeps, path):
     width = 4.5 if len(shown) > 2 else 7.0  # room for the legend's long labels when there are few panels
     fig, axes = plt.subplots(1, len(shown), figsize=(width * len(shown), 4.2), sharey=True, constrained_layout=True, squeeze=False)
     for ax, (configuration, label, _) in zip(axes[0], shown):
-        for (name, sweep), color in zip(sweeps, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        for (name, sweep), style, alpha in zip(sweeps, ["-", "--", ":", "-."], [0.25, 0.12, 0.08, 0.05]):
             if configuration not in sweep:
                 continue
             curves = np.stack([run["return_curve"] for run in sweep[configuration].values()])
-            ax.plot(GRID, curves.mean(0), color=color, label=f"{name} ({len(curves)} seeds)")
-            ax.fill_between(GRID, *bootstrap_ci(curves, np.mean), color=color, alpha=0.2)
+            ax.plot(GRID, curves.mean(0), color=COLORS[configuration], linestyle=style, label=f"{name} ({len(curves)} seeds)")
+            ax.fill_between(GRID, *bootstrap_ci(curves, np.mean), color=COLORS[configuration], alpha=alpha)
         ax.set_title(label)
         ax.set_xlabel("environment steps")
         ax.legend(loc="upper left", fontsize="small")

@@ -1,6 +1,6 @@
 """Beyond the paper's 100k steps: when does each configuration solve CartPole, and does configuration 3 ever learn?
 
-    pip install matplotlib==3.11.2        # this script only
+    pip install -r requirements-plots.txt        # matplotlib, for the figure
     bash scripts/reproduce.sh --flags "--total-timesteps 300000 --capture-video" --seeds "1 2 3" --logdir runs/long300
     python scripts/long_runs.py runs/long300 --out docs/long_runs.png
 
@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import CONFIGURATIONS, read_events, running_mean, steps_to  # noqa: E402
+from plot import COLORS, CONFIGURATIONS, read_events, running_mean, steps_to  # noqa: E402
 from screen import mean_se, run_steps  # noqa: E402
 from screen import summarize as screen_summary  # noqa: E402
 
@@ -114,7 +114,8 @@ def plot(sweep, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharex=True, sharey=True, constrained_layout=True)
-    for ax, (configuration, label, _), color in zip(axes, CONFIGURATIONS, ["tab:gray", "tab:blue", "tab:red", "tab:green"]):
+    for ax, (configuration, label, _) in zip(axes, CONFIGURATIONS):
+        color = COLORS[configuration]
         runs = sweep.get(configuration, {})
         if runs:
             horizon = max(run["curve"][0][-1] for run in runs.values())

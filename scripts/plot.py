@@ -1,12 +1,15 @@
 """Figure 3 and the results table from the TensorBoard logs of a sweep (see scripts/reproduce.sh).
 
-    pip install matplotlib==3.11.2        # this script only; the training file does not need it
+    pip install -r requirements-plots.txt        # matplotlib, for the figures; the training files do not need it
     python scripts/plot.py runs/reproduce --out docs
 
 Reads every run directory under the log directory (names: <exp>__<configuration>__s<seed>__<time>), and
-writes <out>/figure3.png and <out>/results.csv, and prints the table as Markdown. Per run:
+writes <out>/figure3.png (the paper's Figure 3: return and embedding variance), <out>/diagnostics.png (twelve
+panels: also the effective rank, the JEPA loss and the probes) and <out>/results.csv, and prints the table as
+Markdown. Per run:
   final return    mean return of the episodes that end between 90k and 100k steps
-  steps to 400    first step at which the running mean of the last 20 episodes reaches 400
+  steps to 400    first step at which the running mean of the last 20 episodes reaches 400 (a full window of
+                  20 episodes); steps to 475 the same for 475, Gymnasium's reward threshold for CartPole-v1
   AUC             the running mean return averaged over steps 0-100k (area under the curve / 100k)
   variance        embedding/variance averaged over the last 10 iterations (about 2.5k steps); lowest: its
                   minimum over the run (median over seeds); the same for embedding/variance_pre_ln, the CLS
@@ -32,6 +35,11 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+# one colour per configuration in every figure the scripts draw
+COLORS = {"nojepa-rlgrad-novar": "tab:gray", "jepa-rlgrad-novar": "tab:blue", "jepa-norlgrad-novar": "tab:red",
+          "jepa-norlgrad-var": "tab:green"}
+# the paper's return at 100k steps read off its Figure 3, as (low, high), for the figure's marks
+PAPER_LEVELS = {"nojepa-rlgrad-novar": (40, 50), "jepa-rlgrad-novar": (100, 100), "jepa-norlgrad-novar": (20, 20)}
 # (name in the run directory, label, the paper's return at 100k steps read off its Figure 3)
 CONFIGURATIONS = [
     ("nojepa-rlgrad-novar", "1: RL gradient only", "40-50"),
@@ -101,6 +109,7 @@ def summarize_run(run):
     summary = {
         "final_return": float(returns[final_window].mean()) if final_window.any() else float("nan"),
         "steps_to_400": steps_to(rm_steps, rm, 400),
+        "steps_to_475": steps_to(rm_steps, rm, 475),
         "auc": float(curve.mean()),
         "return_curve": curve,
         "variance": float(run["embedding/variance"][1][-10:].mean()),
@@ -145,7 +154,7 @@ def table_rows(sweep):
         if not runs:
             continue
         col = lambda key: np.array([run[key] for run in runs.values()])
-        finals, to_400 = col("final_return"), col("steps_to_400")
+        finals, to_400, to_475 = col("final_return"), col("steps_to_400"), col("steps_to_475")
         reached = np.isfinite(to_400)
         interval = lambda x, statistic: "[{:.1f}, {:.1f}]".format(*bootstrap_ci(x, statistic))
         rows.append({
@@ -170,21 +179,25 @@ def table_rows(sweep):
             "variance_pre_ln": f"{np.median(col('variance_pre_ln')):.2e}",
             "lowest_variance_pre_ln": f"{np.median(col('lowest_variance_pre_ln')):.1e}",
             **{f"{probe}r2_{name}": round(col(f"{probe}r2_{name}").mean(), 2) for probe in PROBES for name in STATE_VARIABLES},
+            "median_steps_to_475": np.median(to_475) if np.isfinite(to_475).any() else "never",
+            "runs_reaching_475": f"{np.isfinite(to_475).sum()}/{len(to_475)}",
         })
     return rows
 
 
 def markdown(rows):
     header = ("| configuration | paper, return at 100k | final return: mean +- std [95% CI] | final return: IQM [95% CI] "
-              "| median steps to 400 (runs) | AUC: mean [95% CI] | AUC: IQM [95% CI] "
+              "| median steps to 400 (runs) | median steps to 475 (runs) | AUC: mean [95% CI] | AUC: IQM [95% CI] "
               "| embedding variance: final, lowest | pre-LN variance: final, lowest | R^2 on-policy / fixed set: cart pos. | cart vel. | pole angle | pole vel. |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         to_400 = r["median_steps_to_400"]
         to_400 = to_400 if isinstance(to_400, str) else f"{to_400 / 1000:.1f}k" if np.isfinite(to_400) else "-"
+        to_475 = r["median_steps_to_475"]
+        to_475 = to_475 if isinstance(to_475, str) else f"{to_475 / 1000:.1f}k" if np.isfinite(to_475) else "-"
         lines.append(f"| {r['configuration']} | {r['paper_return_100k']} | {r['final_return_mean']} +- {r['final_return_std']} "
                      f"{r['final_return_mean_ci95']} | {r['final_return_iqm']} {r['final_return_iqm_ci95']} "
-                     f"| {to_400} ({r['runs_reaching_400']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['auc_iqm']} {r['auc_iqm_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
+                     f"| {to_400} ({r['runs_reaching_400']}) | {to_475} ({r['runs_reaching_475']}) | {r['auc_mean']} {r['auc_mean_ci95']} | {r['auc_iqm']} {r['auc_iqm_ci95']} | {r['embedding_variance']}, {r['lowest_embedding_variance']} | "
                      f"{r['variance_pre_ln']}, {r['lowest_variance_pre_ln']} | "
                      + " | ".join(f"{r[f'onpolicy_r2_{name}']} / {r[f'r2_{name}']}" for name in STATE_VARIABLES) + " |")
     return "\n".join(lines)
@@ -202,9 +215,10 @@ def plot(sweep, path):
     panels += [(f"{probe}r2_curve_{name}", f"{title} R^2: {name.replace('_', ' ')}") for probe, title in PROBES.items()
                for name in STATE_VARIABLES]
     for ax, (key, title) in zip(axes.flat, panels):
-        for (configuration, label, _), color in zip(CONFIGURATIONS, ["tab:blue", "tab:orange", "tab:red", "tab:green"]):
+        for configuration, label, _ in CONFIGURATIONS:
             if configuration not in sweep:
                 continue
+            color = COLORS[configuration]
             curves = np.stack([run[key] for run in sweep[configuration].values()])
             center = np.exp(np.log(curves).mean(0)) if key in LOG_AXIS else curves.mean(0)
             ax.plot(GRID, center, color=color, label=label)
@@ -230,6 +244,42 @@ def plot(sweep, path):
     fig.savefig(path, dpi=110)
 
 
+def plot_paper(sweep, path):
+    """The paper's Figure 3: the running mean return and the embedding variance of the four configurations, the
+    paper's returns at 100k steps marked, the collapse threshold drawn; readable at a page's width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_return, ax_variance) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    seeds = sorted({len(runs) for runs in sweep.values()})
+    for configuration, label, _ in CONFIGURATIONS:
+        if configuration not in sweep:
+            continue
+        color, runs = COLORS[configuration], sweep[configuration].values()
+        returns, variances = np.stack([run["return_curve"] for run in runs]), np.stack([run["variance_curve"] for run in runs])
+        ax_return.plot(GRID / 1000, returns.mean(0), color=color, label=label)
+        ax_return.fill_between(GRID / 1000, *bootstrap_ci(returns, np.mean), color=color, alpha=0.2)
+        ax_variance.plot(GRID / 1000, np.exp(np.log(variances).mean(0)), color=color)
+        ax_variance.fill_between(GRID / 1000, *np.exp(bootstrap_ci(np.log(variances), np.mean)), color=color, alpha=0.2)
+        if configuration in PAPER_LEVELS:  # the paper's level at 100k: a bar (a range) or a dot
+            low, high = PAPER_LEVELS[configuration]
+            ax_return.plot([103, 103], [low, high + 0.5], color=color, linewidth=4, solid_capstyle="butt")
+            ax_return.plot(103, (low + high) / 2, marker="<", color=color, markersize=7)
+    ax_return.set_xlim(0, 106)
+    ax_return.set_xlabel("environment steps (thousands); arrows: the paper's returns at 100k")
+    ax_return.set_ylabel("running mean return (last 20 episodes)")
+    ax_return.legend(loc="upper left", fontsize="small", title=f"{' or '.join(map(str, seeds))} seeds each; band: 95% CI",
+                     title_fontsize="small")
+    ax_variance.axhline(1e-7, color="black", linestyle="--", linewidth=1)
+    ax_variance.text(2, 1.6e-7, "collapse (the paper's 1e-7)", fontsize="small")
+    ax_variance.set_yscale("log")
+    ax_variance.set_xlabel("environment steps (thousands)")
+    ax_variance.set_ylabel("embedding variance (geometric mean)")
+    fig.savefig(path, dpi=120)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("logdir", help="directory holding the sweep's run directories")
@@ -241,7 +291,7 @@ if __name__ == "__main__":
         for configuration, runs in sweep.items():
             for seed, run in runs.items():
                 print(f"{configuration} seed {seed}: final return {run['final_return']:.1f}, steps to 400 "
-                      f"{run['steps_to_400']:.0f}, AUC {run['auc']:.1f}, variance {run['variance']:.2e}, R^2 pole angle "
+                      f"{run['steps_to_400']:.0f}, to 475 {run['steps_to_475']:.0f}, AUC {run['auc']:.1f}, variance {run['variance']:.2e}, R^2 pole angle "
                       f"{run['r2_pole_angle']:.2f} (on-policy {run['onpolicy_r2_pole_angle']:.2f}), cart position "
                       f"{run['r2_cart_position']:.2f} (on-policy {run['onpolicy_r2_cart_position']:.2f})")
     rows = table_rows(sweep)
@@ -250,5 +300,6 @@ if __name__ == "__main__":
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(sweep, os.path.join(opts.out, "figure3.png"))
+    plot(sweep, os.path.join(opts.out, "diagnostics.png"))
+    plot_paper(sweep, os.path.join(opts.out, "figure3.png"))
     print(markdown(rows))
