@@ -49,7 +49,8 @@ CONFIGURATIONS = [
 ]
 STATE_VARIABLES = ["cart_position", "cart_velocity", "pole_angle", "pole_velocity"]
 PROBES = {"onpolicy_": "on-policy probe", "": "fixed-set probe"}  # tag prefix -> title
-GRID = np.arange(0, 100_001, 1000)  # steps at which curves are compared across seeds
+HORIZON = 100_000  # the paper's budget; --steps sets another for a shorter look
+GRID = np.arange(0, HORIZON + 1, HORIZON // 100)  # steps at which curves are compared across seeds
 LOG_AXIS = ("variance_curve", "jepa_loss_curve")  # drawn on a log axis, their mean over seeds geometric
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -103,7 +104,7 @@ def steps_to(rm_steps, rm, threshold):
 
 def summarize_run(run):
     steps, returns = run["charts/episodic_return"]
-    final_window = (steps > 90_000) & (steps <= 100_000)
+    final_window = (steps > HORIZON - 10_000) & (steps <= HORIZON)
     rm_steps, rm = running_mean(steps, returns)
     curve = np.interp(GRID, rm_steps, rm, left=rm[0])
     summary = {
@@ -134,7 +135,7 @@ def load_sweep(logdir):
     for run_dir in sorted(glob.glob(os.path.join(logdir, "*__*__s*__*"))):
         configuration, seed = os.path.basename(run_dir).split("__")[1:3]
         run = read_run(run_dir)
-        if "charts/SPS" not in run or run["charts/SPS"][0][-1] < 99_000:
+        if "charts/SPS" not in run or run["charts/SPS"][0][-1] < 0.99 * HORIZON:
             print(f"skipped, not finished: {run_dir}")
             continue
         if (configuration, seed) in finished:
@@ -285,7 +286,10 @@ if __name__ == "__main__":
     parser.add_argument("logdir", help="directory holding the sweep's run directories")
     parser.add_argument("--out", default="docs", help="where figure3.png and results.csv go")
     parser.add_argument("--per-run", action="store_true", help="also print each run's final return and steps to 400")
+    parser.add_argument("--steps", type=int, default=HORIZON, help="the runs' --total-timesteps (final return: the "
+                        "last 10k steps; AUC over all), for sweeps shorter than the paper's 100k")
     opts = parser.parse_args()
+    HORIZON, GRID = opts.steps, np.arange(0, opts.steps + 1, opts.steps // 100)
     sweep = load_sweep(opts.logdir)
     if opts.per_run:
         for configuration, runs in sweep.items():
