@@ -60,6 +60,8 @@ class LabArgs(ref.Args):
     """normalize the encoder's output with a LayerNorm (learnable gain and bias) to give the embedding"""
     weight_decay: float = 0.0
     """decoupled weight decay (AdamW) on every trained parameter; 0 is plain Adam"""
+    predictor_lr_mult: float = 1.0
+    """the predictor's learning rate as a multiple of the encoder's (and the heads'), warm-up and annealing included"""
     # Diagnostics and evaluation
     probe_every: int = 20
     """fit and log the linear state probes every this many iterations (and at the last)"""
@@ -80,6 +82,8 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if not args.weight_decay >= 0.0:
         return f"--weight-decay must be non-negative, got {args.weight_decay}"
+    if not 0.0 < args.predictor_lr_mult < float("inf"):
+        return f"--predictor-lr-mult must be positive and finite, got {args.predictor_lr_mult}"
     if args.patch_embed == "conv" and args.patch_size & (args.patch_size - 1):
         return f"--patch-embed conv needs a power of two for --patch-size, got {args.patch_size}"
     if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
@@ -190,11 +194,25 @@ def make_encoder(args: LabArgs) -> nn.Module:
 
 
 def make_agent(args: LabArgs, device):
-    """The reference's agent with the lab's encoder, and AdamW's decoupled weight decay when asked for."""
+    """The reference's agent with the lab's encoder, AdamW's decoupled weight decay when asked for, and the predictor
+    in a parameter group of its own when its learning rate is a multiple of the others' (`set_learning_rate`)."""
     agent = ref.make_agent(args, device, encoder_fn=make_encoder)
+    predictor, optimizer = agent[2], agent[-1]
     if args.weight_decay:
-        agent[-1].param_groups[0].update(weight_decay=args.weight_decay, decoupled_weight_decay=True)
+        optimizer.param_groups[0].update(weight_decay=args.weight_decay, decoupled_weight_decay=True)
+    if args.predictor_lr_mult != 1.0:
+        in_predictor = {id(p) for p in predictor.parameters()}
+        shared = optimizer.param_groups[0]
+        shared["params"] = [p for p in shared["params"] if id(p) not in in_predictor]
+        optimizer.add_param_group({"params": list(predictor.parameters()), "lr_mult": args.predictor_lr_mult,
+                                   "lr": args.learning_rate * args.predictor_lr_mult})
     return agent
+
+
+def set_learning_rate(optimizer, learning_rate: float):
+    """The schedule's rate for every group, times the group's multiple (the predictor's, with --predictor-lr-mult)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate * group.get("lr_mult", 1.0)
 
 
 # -- Linear probes: what the embedding holds about the true state -----------------------------------------------------
@@ -441,7 +459,7 @@ if __name__ == "__main__":
     timings = {"rollout": 0.0, "update": 0.0, "diagnostics": 0.0}
     try:
         for iteration in range(1, num_iterations + 1):
-            optimizer.param_groups[0]["lr"] = ref.learning_rate_at(args, iteration, num_iterations)
+            set_learning_rate(optimizer, ref.learning_rate_at(args, iteration, num_iterations))
             t0 = time.perf_counter()
             row_states, envs.states = [env_state["state"]], []
             episodes = ref.collect_rollout(envs, encoder, actor, critic, rollout, env_state)
@@ -453,6 +471,8 @@ if __name__ == "__main__":
             t2 = time.perf_counter()
             global_step += batch_size
             ref.log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
+            if args.predictor_lr_mult != 1.0:
+                writer.add_scalar("charts/predictor_learning_rate", optimizer.param_groups[1]["lr"], global_step)
             # every fourth step is enough for the on-policy probe: neighbouring steps are nearly the same sample
             onpolicy_pool.append((rollout["stacks"][:-1:4].clone(), torch.stack(row_states)[::4],
                                   rollout["valid"][::4].clone()))

@@ -152,6 +152,37 @@ def test_weight_decay_is_decoupled(weight_decay):
         torch.testing.assert_close(p.detach(), b * (1 - 0.1 * weight_decay))
 
 
+@pytest.mark.parametrize("config", ["2", "3"])
+def test_predictor_lr_mult_changes_only_the_predictors_step(config):
+    """One optimizer step with --predictor-lr-mult 10 against 1 from the same weights and batch: every other module,
+    the y-encoder included, moves bit for bit as before; the predictor moves ten times as far."""
+    flags = {name: f"--{name.replace('_', '-')}" in CONFIGS[config] for name in ["jepa", "rl_grad", "var_reg"]}
+    moved = {}
+    for mult in [1.0, 10.0]:
+        args, agent, batch = make_agent_and_batch(args_class=lab.LabArgs, make_agent=lab.make_agent, update_epochs=1,
+                                                  num_minibatches=1, predictor_lr_mult=mult, **flags)
+        before = [[p.detach().clone() for p in m.parameters()] for m in agent[:5]]
+        torch.manual_seed(0)
+        lab.lab_update(args, *agent[:5], agent[5], batch)
+        moved[mult] = [[p.detach() - b for p, b in zip(m.parameters(), bs)] for m, bs in zip(agent[:5], before)]
+    for name, slow, fast in zip(MODULES, moved[1.0], moved[10.0]):
+        if name == "predictor":
+            for a, b in zip(slow, fast):
+                assert a.abs().max() > 0
+                torch.testing.assert_close(b, 10 * a, rtol=1e-4, atol=1e-6)  # rounding of w + step
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(slow, fast)), name
+
+
+def test_predictor_lr_mult_follows_the_schedule_in_the_loop(tmp_path):
+    """In the loop the predictor's rate is the multiple of the warmed-up, annealed rate at every iteration."""
+    logged = run_once([*CONFIGS["3"], *SHORT, "--total-timesteps", "1024", "--lr-warmup-iters", "2",
+                       "--predictor-lr-mult", "0.1"], tmp_path, script=LAB_SCRIPT)
+    rates = [lr for _, lr in logged["charts/learning_rate"]]
+    assert rates == pytest.approx([5e-4, 7.5e-4, 5e-4, 2.5e-4])
+    assert [lr for _, lr in logged["charts/predictor_learning_rate"]] == pytest.approx([0.1 * r for r in rates])
+
+
 # --------------------------------------------------------------------------------------------- probes
 def test_probe_r2_recovers_a_linear_state():
     g = torch.Generator().manual_seed(0)
@@ -338,6 +369,8 @@ def test_ema_per_iteration_leaves_the_args_as_they_were():
     (["--patch-embed", "cnn"], "--patch-embed"),
     (["--encoder", "cnn", "--patch-size", "4", "--frame-height", "12"], "--encoder cnn"),
     (["--frame-gap", "0"], "--frame-gap"),
+    (["--predictor-lr-mult", "0"], "--predictor-lr-mult"),
+    (["--predictor-lr-mult", "inf"], "--predictor-lr-mult"),
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     # the reference's checks hold in the lab
     (["--num-minibatches", "65"], "--num-minibatches"),

@@ -96,7 +96,10 @@ if __name__ == "__main__":
 
         fig, axes = plt.subplots(3, 3, figsize=(17, 11), constrained_layout=True, sharex=True)
         ingredients = list(dict.fromkeys(r[0] for r in rows))
-        colors = dict(zip(ingredients, plt.cm.tab10.colors))
+        # no configuration's colour (scripts/plot.py's COLORS): here a colour is an ingredient, the row a configuration
+        palette = ["black", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "goldenrod",
+                   "navy", "lime"]
+        colors = dict(zip(ingredients, palette))
         panels = [("return_curve", "running mean return (20 episodes)"), ("variance_curve", "embedding/variance (s_x)"),
                   ("pre_ln_curve", "embedding/variance_pre_ln (CLS output)")]
         for ingredient, number, runs in rows:

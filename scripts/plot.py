@@ -264,15 +264,16 @@ def plot_paper(sweep, path):
         ax_return.fill_between(GRID / 1000, *bootstrap_ci(returns, np.mean), color=color, alpha=0.2)
         ax_variance.plot(GRID / 1000, np.exp(np.log(variances).mean(0)), color=color)
         ax_variance.fill_between(GRID / 1000, *np.exp(bootstrap_ci(np.log(variances), np.mean)), color=color, alpha=0.2)
-        if configuration in PAPER_LEVELS:  # the paper's level at 100k: a bar (a range) or a dot
+        if configuration in PAPER_LEVELS and HORIZON == 100_000:  # the paper's level at 100k: a bar or a dot
             low, high = PAPER_LEVELS[configuration]
             ax_return.plot([103, 103], [low, high + 0.5], color=color, linewidth=4, solid_capstyle="butt")
             ax_return.plot(103, (low + high) / 2, marker="<", color=color, markersize=7)
-    ax_return.set_xlim(0, 106)
-    ax_return.set_xlabel("environment steps (thousands); arrows: the paper's returns at 100k")
+    ax_return.set_xlim(0, 1.06 * HORIZON / 1000)
+    marks = "; arrows: the paper's returns at 100k" if HORIZON == 100_000 else ""
+    ax_return.set_xlabel(f"environment steps (thousands){marks}")
     ax_return.set_ylabel("running mean return (last 20 episodes)")
-    ax_return.legend(loc="upper left", fontsize="small", title=f"{' or '.join(map(str, seeds))} seeds each; band: 95% CI",
-                     title_fontsize="small")
+    seeds_each = f"{' or '.join(map(str, seeds))} seed{'s' if max(seeds) > 1 else ''} each"
+    ax_return.legend(loc="upper left", fontsize="small", title=f"{seeds_each}; band: 95% CI", title_fontsize="small")
     ax_variance.axhline(1e-7, color="black", linestyle="--", linewidth=1)
     ax_variance.text(2, 1.6e-7, "collapse (the paper's 1e-7)", fontsize="small")
     ax_variance.set_yscale("log")

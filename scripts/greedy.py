@@ -1,0 +1,68 @@
+"""The greedy-play table, docs/greedy.csv, from runs trained with --capture-video.
+
+    python jepa_ppo_cartpole.py --seed 1 --save-model --capture-video --runs-dir runs/greedy
+    python jepa_ppo_cartpole.py --seed 1 --total-timesteps 300000 --save-model --capture-video --runs-dir runs/greedy
+    python scripts/greedy.py runs/greedy/* --out docs/greedy.csv
+
+One row per run: its configuration and seed, the steps it trained, the mean return of its 10 greedy episodes
+(`charts/greedy_return`: the most probable action at every step, one episode per environment), the mean return of
+the sampled episodes that ended in its last 10k training steps, and the command that repeats it (the script and the
+flags whose values differ from the defaults).
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jepa_ppo_cartpole as ref  # noqa: E402
+from plot import CONFIGURATIONS, read_events  # noqa: E402
+
+NOT_IN_COMMAND = {"exp_name", "runs_dir"}  # where a run writes, not what it computes
+
+
+def command(flags: dict) -> str:
+    """`python jepa_ppo_cartpole.py` with each logged flag whose value is not the default's."""
+    parts = ["python jepa_ppo_cartpole.py"]
+    for name, default in vars(ref.Args()).items():
+        if name in NOT_IN_COMMAND or name not in flags or flags[name] == str(default):
+            continue
+        flag = name.replace("_", "-")
+        if isinstance(default, bool):
+            parts.append(f"--{flag}" if flags[name] == "True" else f"--no-{flag}")
+        else:
+            parts.append(f"--{flag} {flags[name]}")
+    return " ".join(parts)
+
+
+def greedy_row(run_dir: str) -> dict:
+    run, flags = read_events(run_dir)
+    if "charts/greedy_return" not in run:
+        sys.exit(f"error: {run_dir} logged no charts/greedy_return: train it with --capture-video to the end")
+    configuration = os.path.basename(os.path.normpath(run_dir)).split("__")[1]
+    steps, returns = run["charts/episodic_return"]
+    trained = int(run["charts/SPS"][0][-1])
+    return {"configuration": next(label for name, label, _ in CONFIGURATIONS if name == configuration),
+            "seed": int(flags["seed"]), "steps_trained": trained, "greedy_episodes": 10,
+            "greedy_mean_return": round(float(run["charts/greedy_return"][1][-1]), 1),
+            "sampled_return_last_10k": round(float(np.mean(returns[steps > trained - 10_000])), 1),
+            "command": command(flags)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dirs", nargs="+", help="run directories of runs trained with --capture-video")
+    parser.add_argument("--out", default="docs/greedy.csv", help="the CSV to write")
+    opts = parser.parse_args()
+    rows = sorted((greedy_row(d) for d in opts.run_dirs), key=lambda r: (r["configuration"], r["seed"],
+                                                                         r["steps_trained"]))
+    with open(opts.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(", ".join(f"{k} {v}" for k, v in row.items()))

@@ -1,0 +1,125 @@
+"""The table and figure of the predictor-pace grid, from the logs of scripts/pace_grid.sh.
+
+    python scripts/pace_table.py runs/pace [--csv docs/pace_grid.csv] [--plot docs/pace_grid.png]
+
+Reads <logdir>/tau<T>-pace<P>/<run directories> and prints one row per cell (configuration, --ema-tau, predictor
+pace), with the measures of scripts/ablation_table.py: the final return (episodes ending in the last 10k steps), AUC
+(the running mean return averaged over the run), the lowest and the last embedding/variance_pre_ln (median over
+seeds), the share of iterations with embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and
+at the end, mean over seeds). A cell counts a seed as collapsed when its last 10 iterations are all collapsed.
+"""
+
+import argparse
+import csv
+import glob
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablation_table import summarize  # noqa: E402
+from plot import COLORS, read_run  # noqa: E402
+
+CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
+PACE_SHADES = {0.1: 0.45, 1.0: 0.75, 10.0: 1.0}  # darker for a faster predictor
+
+
+def load_cells(logdir, steps):
+    cells = []
+    for cell_dir in sorted(glob.glob(os.path.join(logdir, "tau*-pace*/"))):
+        tau, pace = map(float, re.fullmatch(r"tau([0-9.]+)-pace([0-9.]+)", os.path.basename(cell_dir[:-1])).groups())
+        for configuration, number in CONFIGURATIONS.items():
+            runs = {}
+            for run_dir in sorted(glob.glob(os.path.join(cell_dir, f"*__{configuration}__s*__*"))):
+                run = read_run(run_dir)
+                if "charts/SPS" not in run or run["charts/SPS"][0][-1] < steps - 1000:
+                    print(f"skipped, not finished: {run_dir}")
+                    continue
+                seed = int(os.path.basename(run_dir).split("__")[2][1:])
+                runs[seed] = summarize(run, steps)
+                runs[seed]["auc"] = float(runs[seed]["return_curve"].mean())
+                runs[seed]["collapsed_at_end"] = bool(run["embedding/collapsed"][1][-10:].all())
+            if runs:
+                cells.append({"configuration": number, "tau": tau, "pace": pace, "runs": runs})
+    cells.sort(key=lambda c: (c["configuration"] != "3", -c["tau"], c["pace"]))
+    return cells
+
+
+def print_table(cells):
+    print("| config | --ema-tau | predictor pace | seeds | final return (mean; per seed) | AUC (mean; per seed) "
+          "| pre-LN variance: lowest, end (median) | collapsed iterations | seeds collapsed at the end "
+          "| effective rank: lowest, end |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        runs = cell["runs"].values()
+        col = lambda key: np.array([r[key] for r in runs])
+        per_seed = lambda key: " ".join(f"{v:.0f}" for v in col(key))
+        print(f"| {cell['configuration']} | {cell['tau']:g} | {cell['pace']:g} | {' '.join(map(str, cell['runs']))} "
+              f"| {col('final_return').mean():.1f}; {per_seed('final_return')} | {col('auc').mean():.1f}; "
+              f"{per_seed('auc')} | {np.median(col('lowest_pre_ln')):.1e}, {np.median(col('final_pre_ln')):.1e} "
+              f"| {col('collapsed').sum()}/{col('iterations').sum()} | {col('collapsed_at_end').sum()}/{len(runs)} "
+              f"| {col('lowest_rank').mean():.1f}, {col('final_rank').mean():.1f} |")
+
+
+def write_csv(cells, path):
+    keys = ["final_return", "auc", "lowest_pre_ln", "final_pre_ln", "lowest_variance", "final_variance", "collapsed",
+            "iterations", "collapsed_at_end", "lowest_rank", "final_rank"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["configuration", "ema_tau", "predictor_lr_mult", "seed", *keys])
+        for cell in cells:
+            for seed, run in cell["runs"].items():
+                writer.writerow([cell["configuration"], cell["tau"], cell["pace"], seed, *(run[k] for k in keys)])
+
+
+def plot(cells, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True, sharex=True)
+    panels = [("return_curve", "running mean return (20 episodes)"), ("pre_ln_curve", "embedding/variance_pre_ln"),
+              ("variance_curve", "embedding/variance (s_x)")]
+    for cell in cells:
+        runs = list(cell["runs"].values())
+        configuration = next(k for k, v in CONFIGURATIONS.items() if v == cell["configuration"])
+        shade = PACE_SHADES.get(cell["pace"], 1.0)
+        color = tuple(shade * c for c in to_rgb(COLORS[configuration]))
+        label = f"config {cell['configuration']}, tau {cell['tau']:g}, pace {cell['pace']:g} ({len(runs)} seeds)"
+        for ax, (key, title) in zip(axes, panels):
+            curves = np.stack([r[key] for r in runs])
+            center = curves.mean(0) if key == "return_curve" else np.exp(np.log(curves).mean(0))
+            ax.plot(runs[0]["grid"] / 1000, center, color=color, linestyle="-" if cell["tau"] > 0 else "--",
+                    linewidth=2 if cell["configuration"] == "3" else 1.2, label=label)
+            ax.set_title(title)
+            if key != "return_curve":
+                ax.set_yscale("log")
+                ax.axhline(1e-7, color="black", linestyle=":", linewidth=1)
+    for ax in axes:
+        ax.set_xlabel("environment steps (thousands)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Configuration 3 against the predictor's pace (its learning rate / the encoder's) and the target's "
+                 "averaging (solid: EMA tau 0.99, dashed: tau 0); mean over seeds (geometric for variances); "
+                 "dotted: the paper's 1e-7", fontsize=9)
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("logdir", help="the --logdir of scripts/pace_grid.sh (one subdirectory per cell)")
+    parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
+    parser.add_argument("--csv", help="also write one row per run to this file")
+    parser.add_argument("--plot", help="also draw return and variance curves (mean over seeds) to this file")
+    opts = parser.parse_args()
+    cells = load_cells(opts.logdir, opts.steps)
+    if not cells:
+        sys.exit(f"error: no finished runs under {opts.logdir}/tau*-pace*/")
+    print_table(cells)
+    if opts.csv:
+        write_csv(cells, opts.csv)
+    if opts.plot:
+        plot(cells, opts.plot)
