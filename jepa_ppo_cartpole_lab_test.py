@@ -873,3 +873,52 @@ def test_grad_scale_prints_the_first_row_of_the_research_log(tmp_path):
     assert result.stdout.splitlines()[2] == "| 1 | 256 | 0.0546 | 66.3 | 248 | 4542 | 3.74 |"
     with open(os.path.join(ROOT, "docs", "RESULTS.md")) as log:
         assert "| 1 | 256 | 0.0546 | 66.3 | 248 | 4542 | 3.74 |" in log.read()
+
+
+def test_greedy_table_reads_the_greedy_return_and_repeats_the_command(tmp_path):
+    greedy = script_module("greedy")
+    from torch.utils.tensorboard import SummaryWriter
+    run_dir = tmp_path / "jepa_ppo_cartpole__jepa-rlgrad-novar__s4__1"
+    writer = SummaryWriter(str(run_dir))
+    flags = {**vars(ref.Args()), "seed": 4, "total_timesteps": 300_000, "capture_video": True, "cuda": False,
+             "exp_name": "x", "runs_dir": "elsewhere"}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
+    for step in range(10_000, 299_776, 10_000):  # ends at 290k: 60.0, then at the last step 100.0
+        writer.add_scalar("charts/episodic_return", 60.0 if step <= 280_000 else 100.0, step)
+    writer.add_scalar("charts/episodic_return", 100.0, 299_776)
+    writer.add_scalar("charts/SPS", 300, 299_776)
+    writer.close()
+    with pytest.raises(SystemExit, match="no charts/greedy_return"):
+        greedy.greedy_row(str(run_dir))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_scalar("charts/greedy_return", 500.0, 299_776)
+    writer.close()
+    row = greedy.greedy_row(str(run_dir))
+    assert row["steps_trained"] == 299_776 and row["greedy_mean_return"] == 500.0 and row["seed"] == 4
+    assert row["sampled_return_last_10k"] == 100.0  # the episodes ending after 289,776: at 290k and the last step
+    assert row["command"] == "python jepa_ppo_cartpole.py --seed 4 --no-cuda --capture-video --total-timesteps 300000"
+
+
+def test_pace_table_reads_each_cell_from_its_directory_name(tmp_path, capsys):
+    pace_table = script_module("pace_table")
+    from torch.utils.tensorboard import SummaryWriter
+    for cell, configuration, variance in [("tau0-pace10", "jepa-norlgrad-novar", 1e-9),
+                                          ("tau0.99-pace0.1", "jepa-norlgrad-novar", 0.5),
+                                          ("tau0-pace1", "jepa-rlgrad-novar", 0.5)]:
+        for seed in [6, 7]:
+            writer = SummaryWriter(str(tmp_path / cell / f"reproduce__{configuration}__s{seed}__1"))
+            for step in range(2_496, 49_921, 2_496):  # 20 logged iterations, to where a 50k run ends
+                writer.add_scalar("charts/episodic_return", 20.0 * seed, step)
+                writer.add_scalar("charts/SPS", 300, step)
+                for tag in ["embedding/variance", "embedding/variance_pre_ln"]:
+                    writer.add_scalar(tag, variance, step)
+                writer.add_scalar("embedding/collapsed", float(variance < 1e-7), step)
+                writer.add_scalar("embedding/effective_rank", 3.0, step)
+            writer.close()
+    cells = pace_table.load_cells(str(tmp_path), 50_000)
+    assert [(c["configuration"], c["tau"], c["pace"]) for c in cells] == [("3", 0.99, 0.1), ("3", 0.0, 10.0),
+                                                                           ("2", 0.0, 1.0)]
+    pace_table.print_table(cells)
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith("| 3 | 0.99 | 0.1 | 6 7 | 130.0; 120 140 | ")
+    assert rows[3].endswith("| 40/40 | 2/2 | 3.0, 3.0 |")  # every iteration of both seeds collapsed, to the end
