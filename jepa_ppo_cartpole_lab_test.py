@@ -183,6 +183,46 @@ def test_predictor_lr_mult_follows_the_schedule_in_the_loop(tmp_path):
     assert [lr for _, lr in logged["charts/predictor_learning_rate"]] == pytest.approx([0.1 * r for r in rates])
 
 
+def test_closed_form_predictor_refit_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    s_x, action = torch.randn(300, 8, generator=g), torch.randint(0, 2, (300,), generator=g)
+    weight, bias = torch.randn(8, 5, generator=g), torch.randn(2, 5, generator=g)
+    targets = s_x @ weight + bias[action]  # (300, 5): a per-action offset is what the one-hot columns hold
+    predictor = lab.ClosedFormPredictor(8)
+    predictor.weight.data = torch.zeros(10, 5)
+    predictor.refit(s_x, action, targets)
+    torch.testing.assert_close(predictor(s_x, action), targets, rtol=0, atol=1e-4)
+
+
+def test_closed_form_predictor_is_refit_never_stepped_and_trains_the_encoder():
+    """Configuration 3: after the refit the batch's JEPA loss is at its minimum in the predictor's weight (a zero
+    gradient but for the ridge); the update leaves the weight as refit, and its gradient still moves the encoder."""
+    args, agent, batch = make_agent_and_batch(128, args_class=lab.LabArgs, make_agent=lab.make_agent, jepa=True,
+                                              rl_grad=False, closed_form_predictor=True)
+    encoder, predictor = agent[0], agent[2]
+    assert isinstance(predictor, lab.ClosedFormPredictor) and not predictor.weight.any()
+    lab.refit_predictor(predictor, encoder, batch)
+    fitted = predictor.weight.detach().clone()
+    loss = ref.jepa_loss(predictor(encoder(batch["stacks"]).detach(), batch["actions"]), batch["targets"])
+    (gradient,) = torch.autograd.grad(loss, predictor.weight)
+    assert gradient.abs().max() < 1e-4 * fitted.abs().max()
+    encoder_before = [p.detach().clone() for p in encoder.parameters()]
+    losses = lab.lab_update(args, *agent[:5], agent[5], batch)
+    assert torch.equal(predictor.weight, fitted)
+    assert losses["grad_norm_predictor"] > 0
+    assert any(not torch.equal(p, b) for p, b in zip(encoder.parameters(), encoder_before))
+
+
+def test_closed_form_predictor_is_refit_in_the_loop(tmp_path):
+    """The weight starts at 0 and no optimizer step moves it: a saved predictor that is not 0 was refit."""
+    result = run_script([*CONFIGS["3"], *SHORT, "--closed-form-predictor", "--save-model"], tmp_path,
+                        script=LAB_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    (model,) = glob.glob(os.path.join(str(tmp_path), "runs", "*", "model.pt"))
+    weight = torch.load(model, weights_only=True)["predictor"]["weight"]
+    assert weight.shape == (66, 64) and weight.abs().max() > 0
+
+
 # --------------------------------------------------------------------------------------------- probes
 def test_probe_r2_recovers_a_linear_state():
     g = torch.Generator().manual_seed(0)
@@ -371,6 +411,7 @@ def test_ema_per_iteration_leaves_the_args_as_they_were():
     (["--frame-gap", "0"], "--frame-gap"),
     (["--predictor-lr-mult", "0"], "--predictor-lr-mult"),
     (["--predictor-lr-mult", "inf"], "--predictor-lr-mult"),
+    (["--closed-form-predictor", "--predictor-lr-mult", "10"], "--closed-form-predictor"),
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     # the reference's checks hold in the lab
     (["--num-minibatches", "65"], "--num-minibatches"),
@@ -904,6 +945,7 @@ def test_pace_table_reads_each_cell_from_its_directory_name(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
     for cell, configuration, variance in [("tau0-pace10", "jepa-norlgrad-novar", 1e-9),
                                           ("tau0.99-pace0.1", "jepa-norlgrad-novar", 0.5),
+                                          ("tau0-closed", "jepa-norlgrad-novar", 0.5),
                                           ("tau0-pace1", "jepa-rlgrad-novar", 0.5)]:
         for seed in [6, 7]:
             writer = SummaryWriter(str(tmp_path / cell / f"reproduce__{configuration}__s{seed}__1"))
@@ -916,9 +958,14 @@ def test_pace_table_reads_each_cell_from_its_directory_name(tmp_path, capsys):
                 writer.add_scalar("embedding/effective_rank", 3.0, step)
             writer.close()
     cells = pace_table.load_cells(str(tmp_path), 50_000)
-    assert [(c["configuration"], c["tau"], c["pace"]) for c in cells] == [("3", 0.99, 0.1), ("3", 0.0, 10.0),
-                                                                           ("2", 0.0, 1.0)]
+    assert [(c["configuration"], c["tau"], c["pace"]) for c in cells] == [
+        ("3", 0.99, 0.1), ("3", 0.0, 10.0), ("3", 0.0, float("inf")), ("2", 0.0, 1.0)]  # closed form last of tau 0
     pace_table.print_table(cells)
     rows = capsys.readouterr().out.splitlines()
     assert rows[2].startswith("| 3 | 0.99 | 0.1 | 6 7 | 130.0; 120 140 | ")
     assert rows[3].endswith("| 40/40 | 2/2 | 3.0, 3.0 |")  # every iteration of both seeds collapsed, to the end
+    assert rows[4].startswith("| 3 | 0 | closed form | 6 7 |") and rows[4].endswith("| 0/40 | 0/2 | 3.0, 3.0 |")
+    pace_table.write_csv(cells, str(tmp_path / "pace.csv"))
+    with open(tmp_path / "pace.csv") as f:
+        assert [line.split(",")[2] for line in f.read().splitlines()[1:]] == ["0.1"] * 2 + ["10"] * 2 + [
+            "closed form"] * 2 + ["1"] * 2

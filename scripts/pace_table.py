@@ -2,11 +2,12 @@
 
     python scripts/pace_table.py runs/pace [--csv docs/pace_grid.csv] [--plot docs/pace_grid.png]
 
-Reads <logdir>/tau<T>-pace<P>/<run directories> and prints one row per cell (configuration, --ema-tau, predictor
-pace), with the measures of scripts/ablation_table.py: the final return (episodes ending in the last 10k steps), AUC
-(the running mean return averaged over the run), the lowest and the last embedding/variance_pre_ln (median over
-seeds), the share of iterations with embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and
-at the end, mean over seeds). A cell counts a seed as collapsed when its last 10 iterations are all collapsed.
+Reads <logdir>/tau<T>-pace<P>/<run directories> (and tau<T>-closed/ for --closed-form-predictor, shown as the
+pace "closed form", after the multiples) and prints one row per cell (configuration, --ema-tau, predictor pace),
+with the measures of scripts/ablation_table.py: the final return (episodes ending in the last 10k steps), AUC (the
+running mean return averaged over the run), the lowest and the last embedding/variance_pre_ln (median over seeds),
+the share of iterations with embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and at the
+end, mean over seeds). A cell counts a seed as collapsed when its last 10 iterations are all collapsed.
 """
 
 import argparse
@@ -23,13 +24,19 @@ from ablation_table import summarize  # noqa: E402
 from plot import COLORS, read_run  # noqa: E402
 
 CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
-PACE_SHADES = {0.1: 0.45, 1.0: 0.75, 10.0: 1.0}  # darker for a faster predictor
+CLOSED_FORM = float("inf")  # the pace of a predictor refit to the optimum every iteration
+PACE_TINTS = {0.1: 0.35, 1.0: 0.7, 10.0: 1.0, CLOSED_FORM: 1.6}  # the configuration's colour, darker the faster
+
+
+def pace_label(pace: float) -> str:
+    return "closed form" if pace == CLOSED_FORM else f"{pace:g}"
 
 
 def load_cells(logdir, steps):
     cells = []
-    for cell_dir in sorted(glob.glob(os.path.join(logdir, "tau*-pace*/"))):
-        tau, pace = map(float, re.fullmatch(r"tau([0-9.]+)-pace([0-9.]+)", os.path.basename(cell_dir[:-1])).groups())
+    for cell_dir in sorted(glob.glob(os.path.join(logdir, "tau*-*/"))):
+        tau, pace = re.fullmatch(r"tau([0-9.]+)-(?:pace([0-9.]+)|closed)", os.path.basename(cell_dir[:-1])).groups()
+        tau, pace = float(tau), CLOSED_FORM if pace is None else float(pace)
         for configuration, number in CONFIGURATIONS.items():
             runs = {}
             for run_dir in sorted(glob.glob(os.path.join(cell_dir, f"*__{configuration}__s*__*"))):
@@ -56,7 +63,8 @@ def print_table(cells):
         runs = cell["runs"].values()
         col = lambda key: np.array([r[key] for r in runs])
         per_seed = lambda key: " ".join(f"{v:.0f}" for v in col(key))
-        print(f"| {cell['configuration']} | {cell['tau']:g} | {cell['pace']:g} | {' '.join(map(str, cell['runs']))} "
+        print(f"| {cell['configuration']} | {cell['tau']:g} | {pace_label(cell['pace'])} "
+              f"| {' '.join(map(str, cell['runs']))} "
               f"| {col('final_return').mean():.1f}; {per_seed('final_return')} | {col('auc').mean():.1f}; "
               f"{per_seed('auc')} | {np.median(col('lowest_pre_ln')):.1e}, {np.median(col('final_pre_ln')):.1e} "
               f"| {col('collapsed').sum()}/{col('iterations').sum()} | {col('collapsed_at_end').sum()}/{len(runs)} "
@@ -68,10 +76,11 @@ def write_csv(cells, path):
             "iterations", "collapsed_at_end", "lowest_rank", "final_rank"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["configuration", "ema_tau", "predictor_lr_mult", "seed", *keys])
+        writer.writerow(["configuration", "ema_tau", "predictor_pace", "seed", *keys])
         for cell in cells:
             for seed, run in cell["runs"].items():
-                writer.writerow([cell["configuration"], cell["tau"], cell["pace"], seed, *(run[k] for k in keys)])
+                writer.writerow([cell["configuration"], cell["tau"], pace_label(cell["pace"]), seed,
+                                 *(run[k] for k in keys)])
 
 
 def plot(cells, path):
@@ -87,9 +96,11 @@ def plot(cells, path):
     for cell in cells:
         runs = list(cell["runs"].values())
         configuration = next(k for k, v in CONFIGURATIONS.items() if v == cell["configuration"])
-        shade = PACE_SHADES.get(cell["pace"], 1.0)
-        color = tuple(shade * c for c in to_rgb(COLORS[configuration]))
-        label = f"config {cell['configuration']}, tau {cell['tau']:g}, pace {cell['pace']:g} ({len(runs)} seeds)"
+        tint = PACE_TINTS.get(cell["pace"], 1.0)  # under 1: towards white; over 1: towards black
+        base = np.array(to_rgb(COLORS[configuration]))
+        color = 1 - tint * (1 - base) if tint <= 1 else base / tint
+        label = (f"config {cell['configuration']}, tau {cell['tau']:g}, pace {pace_label(cell['pace'])} "
+                 f"({len(runs)} seeds)")
         for ax, (key, title) in zip(axes, panels):
             curves = np.stack([r[key] for r in runs])
             center = curves.mean(0) if key == "return_curve" else np.exp(np.log(curves).mean(0))
