@@ -9,7 +9,7 @@ reference (`jepa_ppo_cartpole_lab_test.py` checks it) and adds the lab's diagnos
                  set in TensorBoard's projector, the final LayerNorm's gain, the targets' variance, timings
     encoders     --encoder cnn, and ViT variants: --tubelets, --patch-embed conv, --frame-diffs, --frame-gap
     ablations    the ingredients of configuration 3's collapse: --fresh-targets, --ema-per-iteration, --no-ink,
-                 --no-final-ln, --weight-decay, and the predictor's pace: --predictor-lr-mult, --closed-form-predictor
+                 --no-final-ln, --weight-decay, and the predictor's pace: --predictor-lr-mult, --predictor
     evaluation   --eval-checkpoint: play a saved model's greedy policy (with --capture-video, save a GIF beside it)
 
 The lab reuses the reference's rollout, batch, update, losses and logs; it never changes the reference's code path.
@@ -62,9 +62,9 @@ class LabArgs(ref.Args):
     """decoupled weight decay (AdamW) on every trained parameter; 0 is plain Adam"""
     predictor_lr_mult: float = 1.0
     """the predictor's learning rate as a multiple of the encoder's (and the heads'), warm-up and annealing included"""
-    closed_form_predictor: bool = False
-    """if toggled, a linear predictor from (s_x, one-hot action), refit by ridge least squares to each batch's targets
-    before the update and never stepped by the optimizer: a predictor that keeps up with the encoder"""
+    predictor: Literal["mlp", "linear", "closed-form"] = "mlp"
+    """the paper's two-layer MLP; a linear map from s_x and the one-hot action, trained like it; or that linear map
+    refit by least squares to the whole batch before every optimizer step and never stepped: it always keeps up"""
     # Diagnostics and evaluation
     probe_every: int = 20
     """fit and log the linear state probes every this many iterations (and at the last)"""
@@ -87,8 +87,9 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
         return f"--weight-decay must be non-negative, got {args.weight_decay}"
     if not 0.0 < args.predictor_lr_mult < float("inf"):
         return f"--predictor-lr-mult must be positive and finite, got {args.predictor_lr_mult}"
-    if args.closed_form_predictor and args.predictor_lr_mult != 1.0:
-        return "--predictor-lr-mult must stay 1 with --closed-form-predictor (its predictor is refit, never stepped)"
+    if args.predictor == "closed-form" and args.predictor_lr_mult != 1.0:
+        return (f"--predictor-lr-mult must be 1 with --predictor closed-form (refit, never stepped), "
+                f"got {args.predictor_lr_mult}")
     if args.patch_embed == "conv" and args.patch_size & (args.patch_size - 1):
         return f"--patch-embed conv needs a power of two for --patch-size, got {args.patch_size}"
     if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
@@ -198,15 +199,14 @@ def make_encoder(args: LabArgs) -> nn.Module:
     return CNNEncoder(args) if args.encoder == "cnn" else LabViT(args)
 
 
-class ClosedFormPredictor(nn.Module):
-    """--closed-form-predictor: s_x (B, D) and action (B,) -> [s_x, one-hot a] @ weight, (B, D). `refit` solves the
-    weight by ridge least squares; the optimizer never steps it (its group's rate is 0), but the JEPA loss's gradient
-    still flows through it into s_x: a predictor that is optimal for the encoder of the iteration's start."""
+class LinearPredictor(nn.Module):
+    """--predictor linear or closed-form: s_x (B, D) and action (B,) -> [s_x, one-hot a] @ weight, (B, D); the one-hot
+    columns are the per-action bias. It starts at 0."""
 
     def __init__(self, embed_dim=64, num_actions=2):
         super().__init__()
         self.num_actions = num_actions
-        self.weight = nn.Parameter(torch.zeros(embed_dim + num_actions, embed_dim))  # the one-hot columns are the bias
+        self.weight = nn.Parameter(torch.zeros(embed_dim + num_actions, embed_dim))
 
     def features(self, s_x, action):
         return torch.cat([s_x, nn.functional.one_hot(action.long(), self.num_actions).to(s_x.dtype)], dim=1)
@@ -215,33 +215,55 @@ class ClosedFormPredictor(nn.Module):
         return self.features(s_x, action) @ self.weight
 
     @torch.no_grad()
-    def refit(self, s_x, action, targets, ridge=1e-6):
-        self.weight.copy_(ridge_solve(self.features(s_x, action).double(), targets.double(), ridge))
+    def refit(self, s_x, action, targets) -> float:
+        """Set the weight to the least-squares solution and return the JEPA loss it leaves. No ridge, which would
+        swamp the small directions of an embedding near collapse. The LayerNorm and the one-hot columns make the
+        features rank-deficient, an exact null direction that float32 rounding puts at about 1e-8 of the largest
+        singular value: the pseudo-inverse drops what lies under 1e-6 and keeps the rest (minimum norm)."""
+        features = self.features(s_x, action).double()
+        self.weight.copy_(torch.linalg.pinv(features, rtol=1e-6) @ targets.double())
+        return ref.jepa_loss(self(s_x, action), targets).item()
 
 
-def refit_predictor(predictor: ClosedFormPredictor, encoder, batch: dict):
-    """Fit the closed-form predictor to the whole batch: s_x of the current encoder, the batch's JEPA targets."""
+def refit_predictor(predictor: LinearPredictor, encoder, batch: dict) -> float:
+    """Fit the closed-form predictor to the whole batch: s_x of the encoder as it is now, the batch's JEPA targets."""
     with torch.no_grad():
         s_x = encoder(batch["stacks"])
     rows = torch.arange(len(s_x), device=s_x.device)  # indexes --fresh-targets' lazy targets as well
-    predictor.refit(s_x, batch["actions"], batch["targets"][rows])
+    return predictor.refit(s_x, batch["actions"], batch["targets"][rows])
+
+
+class RefitAfterEachStep:
+    """Stands for the optimizer under --predictor closed-form: `ref.update` calls `zero_grad` and `step`, and each step
+    is followed by a refit, so every minibatch's step meets the predictor that is optimal for the encoder it moves."""
+
+    def __init__(self, optimizer, refit):
+        self.optimizer, self.refit, self.jepa_loss_refit = optimizer, refit, refit()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        self.optimizer.step()
+        self.jepa_loss_refit = self.refit()
 
 
 def make_agent(args: LabArgs, device):
-    """The reference's agent with the lab's encoder, AdamW's decoupled weight decay when asked for, and the predictor
-    in a parameter group of its own when its learning rate is a multiple of the others' (`set_learning_rate`), 0 for
-    the closed-form predictor."""
+    """The reference's agent with the lab's encoder and predictor, AdamW's decoupled weight decay when asked for, and
+    the predictor in a parameter group of its own when its learning rate is a multiple of the others'
+    (`set_learning_rate`): 0 for the closed-form predictor, which is refit, never stepped."""
     encoder, target_encoder, predictor, actor, critic, optimizer = ref.make_agent(args, device, encoder_fn=make_encoder)
+    shared = optimizer.param_groups[0]
     if args.weight_decay:
-        optimizer.param_groups[0].update(weight_decay=args.weight_decay, decoupled_weight_decay=True)
-    if args.predictor_lr_mult != 1.0 or args.closed_form_predictor:
+        shared.update(weight_decay=args.weight_decay, decoupled_weight_decay=True)
+    if args.predictor_lr_mult != 1.0 or args.predictor != "mlp":
         in_predictor = {id(p) for p in predictor.parameters()}
-        shared = optimizer.param_groups[0]
         shared["params"] = [p for p in shared["params"] if id(p) not in in_predictor]
-        if args.closed_form_predictor:
-            predictor = ClosedFormPredictor(args.embed_dim).to(device)
-        lr_mult = 0.0 if args.closed_form_predictor else args.predictor_lr_mult
-        optimizer.add_param_group({"params": list(predictor.parameters()), "lr_mult": lr_mult,
+        if args.predictor != "mlp":  # the MLP is still built above, so every other module starts as in the reference
+            predictor = LinearPredictor(args.embed_dim).to(device)
+        lr_mult = 0.0 if args.predictor == "closed-form" else args.predictor_lr_mult
+        optimizer.add_param_group({**{k: v for k, v in shared.items() if k != "params"},  # weight decay included
+                                   "params": list(predictor.parameters()), "lr_mult": lr_mult,
                                    "lr": args.learning_rate * lr_mult})
     return encoder, target_encoder, predictor, actor, critic, optimizer
 
@@ -260,18 +282,13 @@ IMAGE_STACKS = 4  # probe stacks shown with their attention maps
 ONPOLICY_PROBE_ROLLOUTS = 20  # the on-policy probe reads every fourth step of the last 20 rollouts: 1,280 stacks
 
 
-def ridge_solve(X, Y, ridge):
-    """argmin_W ||X W - Y||^2 + ridge * len(X) * ||W||^2, for X (N, F) and Y (N, K) in double precision."""
-    eye = torch.eye(X.shape[1], dtype=torch.double, device=X.device)
-    return torch.linalg.solve(X.T @ X + ridge * len(X) * eye, X.T @ Y)
-
-
 def probe_r2(s_fit, y_fit, s_test, y_test, ridge=1e-3):
     """R^2 per target column of a linear least-squares probe fitted on one half and scored on the other."""
     def with_bias(s):
         return torch.cat([s.double(), torch.ones(len(s), 1, dtype=torch.double, device=s.device)], dim=1)
     X, Xt = with_bias(s_fit), with_bias(s_test)
-    weights = ridge_solve(X, y_fit.double(), ridge)
+    eye = torch.eye(X.shape[1], dtype=torch.double, device=X.device)
+    weights = torch.linalg.solve(X.T @ X + ridge * len(X) * eye, X.T @ y_fit.double())
     residual = ((y_test.double() - Xt @ weights) ** 2).sum(0)
     total = ((y_test.double() - y_test.double().mean(0)) ** 2).sum(0).clamp(min=1e-12)
     return (1 - residual / total).tolist()
@@ -436,12 +453,16 @@ def lab_batch(args: LabArgs, rollout: dict, encoder, target_encoder, critic) -> 
 
 
 def lab_update(args: LabArgs, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
-    """`ref.update`; under --ema-per-iteration its per-step EMA is made a no-op (tau 1) and the y-encoder moves once."""
-    if not args.ema_per_iteration:
-        return ref.update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
-    losses = ref.update(dataclasses.replace(args, ema_tau=1.0), encoder, target_encoder, predictor, actor, critic,
-                        optimizer, batch)
-    ref.ema_update(target_encoder, encoder, args.ema_tau)
+    """`ref.update`; under --ema-per-iteration its per-step EMA is made a no-op (tau 1) and the y-encoder moves once;
+    under --predictor closed-form the predictor is refit before the first step and after every step."""
+    if args.predictor == "closed-form":
+        optimizer = RefitAfterEachStep(optimizer, lambda: refit_predictor(predictor, encoder, batch))
+    update_args = dataclasses.replace(args, ema_tau=1.0) if args.ema_per_iteration else args
+    losses = ref.update(update_args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
+    if args.ema_per_iteration:
+        ref.ema_update(target_encoder, encoder, args.ema_tau)
+    if args.predictor == "closed-form":
+        losses["jepa_loss_refit"] = optimizer.jepa_loss_refit
     return losses
 
 
@@ -509,14 +530,14 @@ if __name__ == "__main__":
             ref.log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
             t1 = time.perf_counter()
             batch = lab_batch(args, rollout, encoder, target_encoder, critic)
-            if args.closed_form_predictor:
-                refit_predictor(predictor, encoder, batch)
             losses = lab_update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
             t2 = time.perf_counter()
             global_step += batch_size
             ref.log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
             if args.predictor_lr_mult != 1.0:
                 writer.add_scalar("charts/predictor_learning_rate", optimizer.param_groups[1]["lr"], global_step)
+            if args.predictor == "closed-form":
+                writer.add_scalar("losses/jepa_loss_refit", losses["jepa_loss_refit"], global_step)
             # every fourth step is enough for the on-policy probe: neighbouring steps are nearly the same sample
             onpolicy_pool.append((rollout["stacks"][:-1:4].clone(), torch.stack(row_states)[::4],
                                   rollout["valid"][::4].clone()))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -152,15 +153,16 @@ def test_weight_decay_is_decoupled(weight_decay):
         torch.testing.assert_close(p.detach(), b * (1 - 0.1 * weight_decay))
 
 
-@pytest.mark.parametrize("config", ["2", "3"])
-def test_predictor_lr_mult_changes_only_the_predictors_step(config):
+@pytest.mark.parametrize("config, predictor", [("2", "mlp"), ("3", "mlp"), ("3", "linear")])
+def test_predictor_lr_mult_changes_only_the_predictors_step(config, predictor):
     """One optimizer step with --predictor-lr-mult 10 against 1 from the same weights and batch: every other module,
     the y-encoder included, moves bit for bit as before; the predictor moves ten times as far."""
     flags = {name: f"--{name.replace('_', '-')}" in CONFIGS[config] for name in ["jepa", "rl_grad", "var_reg"]}
     moved = {}
     for mult in [1.0, 10.0]:
         args, agent, batch = make_agent_and_batch(args_class=lab.LabArgs, make_agent=lab.make_agent, update_epochs=1,
-                                                  num_minibatches=1, predictor_lr_mult=mult, **flags)
+                                                  num_minibatches=1, predictor_lr_mult=mult, predictor=predictor,
+                                                  **flags)
         before = [[p.detach().clone() for p in m.parameters()] for m in agent[:5]]
         torch.manual_seed(0)
         lab.lab_update(args, *agent[:5], agent[5], batch)
@@ -183,43 +185,59 @@ def test_predictor_lr_mult_follows_the_schedule_in_the_loop(tmp_path):
     assert [lr for _, lr in logged["charts/predictor_learning_rate"]] == pytest.approx([0.1 * r for r in rates])
 
 
-def test_closed_form_predictor_refit_recovers_a_linear_map():
+@pytest.mark.parametrize("spread", [1.0, 1e-4])
+def test_closed_form_predictor_refit_recovers_a_linear_map_of_layernormed_embeddings(spread):
+    """Embeddings out of a LayerNorm (rank-deficient with the one-hot columns), spread widely or at a variance of
+    1e-8 around a shared part, the paper's collapse: the refit predicts a linear map's targets from them."""
     g = torch.Generator().manual_seed(0)
-    s_x, action = torch.randn(300, 8, generator=g), torch.randint(0, 2, (300,), generator=g)
-    weight, bias = torch.randn(8, 5, generator=g), torch.randn(2, 5, generator=g)
-    targets = s_x @ weight + bias[action]  # (300, 5): a per-action offset is what the one-hot columns hold
-    predictor = lab.ClosedFormPredictor(8)
-    predictor.weight.data = torch.zeros(10, 5)
-    predictor.refit(s_x, action, targets)
-    torch.testing.assert_close(predictor(s_x, action), targets, rtol=0, atol=1e-4)
+    shared, spread_part = torch.randn(1, 16, generator=g), spread * torch.randn(300, 16, generator=g)
+    s_x = nn.functional.layer_norm(shared + spread_part, (16,))
+    action = torch.randint(0, 2, (300,), generator=g)
+    weight, bias = torch.randn(16, 16, generator=g), torch.randn(2, 16, generator=g)
+    targets = s_x @ weight + bias[action]  # (300, 16): a per-action offset is what the one-hot columns hold
+    predictor = lab.LinearPredictor(16)
+    assert predictor.refit(s_x, action, targets) < 1e-6 * targets.var(0).sum()
+    residual = predictor(s_x, action) - targets
+    assert residual.pow(2).mean() < 1e-4 * (s_x @ weight).var(0).mean()  # the spread's part, not only the offsets
 
 
-def test_closed_form_predictor_is_refit_never_stepped_and_trains_the_encoder():
-    """Configuration 3: after the refit the batch's JEPA loss is at its minimum in the predictor's weight (a zero
-    gradient but for the ridge); the update leaves the weight as refit, and its gradient still moves the encoder."""
+def test_closed_form_predictor_is_refit_before_every_step_never_stepped_and_trains_the_encoder(monkeypatch):
+    """Configuration 3, 4 epochs x 4 minibatches: 17 refits (one before each step, one after the last); the weight
+    left is the refit for the encoder as it ends, at the minimum of the batch's JEPA loss (a zero gradient); the JEPA
+    loss's gradient passes through it into the encoder."""
     args, agent, batch = make_agent_and_batch(128, args_class=lab.LabArgs, make_agent=lab.make_agent, jepa=True,
-                                              rl_grad=False, closed_form_predictor=True)
+                                              rl_grad=False, predictor="closed-form")
     encoder, predictor = agent[0], agent[2]
-    assert isinstance(predictor, lab.ClosedFormPredictor) and not predictor.weight.any()
-    lab.refit_predictor(predictor, encoder, batch)
-    fitted = predictor.weight.detach().clone()
-    loss = ref.jepa_loss(predictor(encoder(batch["stacks"]).detach(), batch["actions"]), batch["targets"])
-    (gradient,) = torch.autograd.grad(loss, predictor.weight)
-    assert gradient.abs().max() < 1e-4 * fitted.abs().max()
+    assert isinstance(predictor, lab.LinearPredictor) and not predictor.weight.any()
+    refits, refit_predictor = [], lab.refit_predictor
+    monkeypatch.setattr(lab, "refit_predictor", lambda *a: refits.append(a) or refit_predictor(*a))
     encoder_before = [p.detach().clone() for p in encoder.parameters()]
     losses = lab.lab_update(args, *agent[:5], agent[5], batch)
-    assert torch.equal(predictor.weight, fitted)
+    assert len(refits) == 17
+    left = predictor.weight.detach().clone()
+    assert losses["jepa_loss_refit"] == pytest.approx(lab.refit_predictor(predictor, encoder, batch), rel=1e-6)
+    torch.testing.assert_close(predictor.weight, left, rtol=1e-6, atol=1e-9)
+    loss = ref.jepa_loss(predictor(encoder(batch["stacks"]).detach(), batch["actions"]), batch["targets"])
+    (gradient,) = torch.autograd.grad(loss, predictor.weight)
+    assert gradient.abs().max() < 1e-5 * left.abs().max()
     assert losses["grad_norm_predictor"] > 0
     assert any(not torch.equal(p, b) for p, b in zip(encoder.parameters(), encoder_before))
 
 
+def test_weight_decay_reaches_the_predictors_own_group():
+    args, agent, _ = make_agent_and_batch(args_class=lab.LabArgs, make_agent=lab.make_agent, weight_decay=0.1,
+                                          predictor_lr_mult=10.0)
+    shared, predictor_group = agent[5].param_groups
+    assert predictor_group["weight_decay"] == shared["weight_decay"] == 0.1
+    assert predictor_group["decoupled_weight_decay"] and shared["decoupled_weight_decay"]
+
+
 def test_closed_form_predictor_is_refit_in_the_loop(tmp_path):
-    """The weight starts at 0 and no optimizer step moves it: a saved predictor that is not 0 was refit."""
-    result = run_script([*CONFIGS["3"], *SHORT, "--closed-form-predictor", "--save-model"], tmp_path,
-                        script=LAB_SCRIPT)
-    assert result.returncode == 0, result.stderr
-    (model,) = glob.glob(os.path.join(str(tmp_path), "runs", "*", "model.pt"))
-    weight = torch.load(model, weights_only=True)["predictor"]["weight"]
+    """Each iteration logs the batch's JEPA loss left by its last refit; the saved weight is a refit, not 0."""
+    run_dir, _ = cached_run([*CONFIGS["3"], *SHORT, "--predictor", "closed-form", "--save-model"], script=LAB_SCRIPT)
+    refit_losses = [v for _, v in scalars(run_dir)["losses/jepa_loss_refit"]]
+    assert len(refit_losses) == 2 and all(0 < v < float("inf") for v in refit_losses)
+    weight = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)["predictor"]["weight"]
     assert weight.shape == (66, 64) and weight.abs().max() > 0
 
 
@@ -411,7 +429,8 @@ def test_ema_per_iteration_leaves_the_args_as_they_were():
     (["--frame-gap", "0"], "--frame-gap"),
     (["--predictor-lr-mult", "0"], "--predictor-lr-mult"),
     (["--predictor-lr-mult", "inf"], "--predictor-lr-mult"),
-    (["--closed-form-predictor", "--predictor-lr-mult", "10"], "--closed-form-predictor"),
+    (["--predictor", "closed-form", "--predictor-lr-mult", "10"], "--predictor closed-form"),
+    (["--predictor", "ridge"], "--predictor"),
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     # the reference's checks hold in the lab
     (["--num-minibatches", "65"], "--num-minibatches"),
@@ -957,15 +976,18 @@ def test_pace_table_reads_each_cell_from_its_directory_name(tmp_path, capsys):
                 writer.add_scalar("embedding/collapsed", float(variance < 1e-7), step)
                 writer.add_scalar("embedding/effective_rank", 3.0, step)
             writer.close()
+    os.makedirs(tmp_path / "tau0-pace10-old")
     cells = pace_table.load_cells(str(tmp_path), 50_000)
-    assert [(c["configuration"], c["tau"], c["pace"]) for c in cells] == [
-        ("3", 0.99, 0.1), ("3", 0.0, 10.0), ("3", 0.0, float("inf")), ("2", 0.0, 1.0)]  # closed form last of tau 0
+    assert [(c["configuration"], c["tau"], c["predictor"], c["pace"]) for c in cells] == [
+        ("3", 0.99, "mlp", 0.1), ("3", 0.0, "mlp", 10.0), ("3", 0.0, "closed", 1.0), ("2", 0.0, "mlp", 1.0)]
     pace_table.print_table(cells)
     rows = capsys.readouterr().out.splitlines()
-    assert rows[2].startswith("| 3 | 0.99 | 0.1 | 6 7 | 130.0; 120 140 | ")
-    assert rows[3].endswith("| 40/40 | 2/2 | 3.0, 3.0 |")  # every iteration of both seeds collapsed, to the end
-    assert rows[4].startswith("| 3 | 0 | closed form | 6 7 |") and rows[4].endswith("| 0/40 | 0/2 | 3.0, 3.0 |")
+    assert rows[0] == "skipped, not a cell of the grid: " + os.path.join(str(tmp_path), "tau0-pace10-old", "")
+    assert rows[3].startswith("| 3 | 0.99 | MLP, pace 0.1 | 6 7 | 130.0; 120 140 | ")
+    assert rows[4].endswith("| 40/40 | 2/2 | 3.0, 3.0 |")  # every iteration of both seeds collapsed, to the end
+    assert rows[5].startswith("| 3 | 0 | linear, refit every step | 6 7 |")
+    assert rows[5].endswith("| 0/40 | 0/2 | 3.0, 3.0 |")
     pace_table.write_csv(cells, str(tmp_path / "pace.csv"))
     with open(tmp_path / "pace.csv") as f:
-        assert [line.split(",")[2] for line in f.read().splitlines()[1:]] == ["0.1"] * 2 + ["10"] * 2 + [
-            "closed form"] * 2 + ["1"] * 2
+        assert [line.split(",")[2:4] for line in f.read().splitlines()[1:]] == [["mlp", "0.1"]] * 2 + [
+            ["mlp", "10.0"]] * 2 + [["closed", "1.0"]] * 2 + [["mlp", "1.0"]] * 2

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Configuration 3's collapse against the predictor's pace: the y-encoder's averaging (--ema-tau 0.99 or 0) crossed
-# with the predictor's learning rate as a multiple of the encoder's (--predictor-lr-mult 0.1, 1, 10) and with a
-# predictor refit in closed form each iteration (--closed-form-predictor, cells tau<T>-closed), plus configuration 2
-# at tau 0 and pace 1 as the control; 50k steps, screening seeds 6-8, every run single-threaded.
+# with the predictor's learning rate as a multiple of the encoder's (--predictor-lr-mult 0.1, 1, 10); a linear
+# predictor at pace 1 (--predictor linear, cells tau<T>-linear) and the same refit by least squares before every step
+# (--predictor closed-form, cells tau<T>-closed); configuration 2 at tau 0 and pace 1 as the control; 50k steps,
+# screening seeds 6-8, every run single-threaded.
 # The warm-up stays off, as in the ingredient ablation (scripts/ablation.sh), whose tau 0.99 and tau 0 cells at
 # pace 1 these repeat.
 #
@@ -25,17 +26,19 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown option $1 (allowed: --jobs N, --seeds \"6 7 8\", --logdir DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
+case "$jobs" in ''|*[!0-9]*|0) echo "error: --jobs must be a positive integer, got '$jobs'" >&2; exit 2 ;; esac
 
 commands=""
-add_cell() {  # configuration, tau, pace (a multiple, or "closed")
+add_cell() {  # configuration, tau, pace (a multiple for the MLP; "linear" or "closed")
   local cell="tau$2-pace$3" predictor="--predictor-lr-mult $3"
-  [ "$3" = closed ] && cell="tau$2-closed" && predictor="--closed-form-predictor"
+  [ "$3" = linear ] && cell="tau$2-linear" && predictor="--predictor linear"
+  [ "$3" = closed ] && cell="tau$2-closed" && predictor="--predictor closed-form"
   [ "$dry_run" = 1 ] || mkdir -p "$logdir/$cell"
   commands+=$(bash scripts/reproduce.sh --dry-run --configs "$1" --seeds "$seeds" --logdir "$logdir/$cell" \
     --flags "--total-timesteps 50000 --lr-warmup-iters 0 --ema-tau $2 $predictor")$'\n'
 }
 for tau in 0.99 0; do
-  for pace in 0.1 1 10 closed; do
+  for pace in 0.1 1 10 linear closed; do
     add_cell 3 "$tau" "$pace"
   done
 done

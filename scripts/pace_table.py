@@ -2,8 +2,9 @@
 
     python scripts/pace_table.py runs/pace [--csv docs/pace_grid.csv] [--plot docs/pace_grid.png]
 
-Reads <logdir>/tau<T>-pace<P>/<run directories> (and tau<T>-closed/ for --closed-form-predictor, shown as the
-pace "closed form", after the multiples) and prints one row per cell (configuration, --ema-tau, predictor pace),
+Reads <logdir>/tau<T>-pace<P>/<run directories> (the MLP predictor at a multiple P of the encoder's learning rate),
+tau<T>-linear/ (--predictor linear) and tau<T>-closed/ (--predictor closed-form), and prints one row per cell
+(configuration, --ema-tau, predictor),
 with the measures of scripts/ablation_table.py: the final return (episodes ending in the last 10k steps), AUC (the
 running mean return averaged over the run), the lowest and the last embedding/variance_pre_ln (median over seeds),
 the share of iterations with embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and at the
@@ -24,19 +25,23 @@ from ablation_table import summarize  # noqa: E402
 from plot import COLORS, read_run  # noqa: E402
 
 CONFIGURATIONS = {"jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
-CLOSED_FORM = float("inf")  # the pace of a predictor refit to the optimum every iteration
-PACE_TINTS = {0.1: 0.35, 1.0: 0.7, 10.0: 1.0, CLOSED_FORM: 1.6}  # the configuration's colour, darker the faster
+PREDICTORS = ["mlp", "linear", "closed"]  # table order within a tau
+TINTS = {("mlp", 0.1): 0.35, ("mlp", 1.0): 0.7, ("mlp", 10.0): 1.0, ("linear", 1.0): 1.3, ("closed", 1.0): 1.8}
 
 
-def pace_label(pace: float) -> str:
-    return "closed form" if pace == CLOSED_FORM else f"{pace:g}"
+def predictor_label(cell) -> str:
+    return {"mlp": f"MLP, pace {cell['pace']:g}", "linear": "linear, pace 1",
+            "closed": "linear, refit every step"}[cell["predictor"]]
 
 
 def load_cells(logdir, steps):
     cells = []
     for cell_dir in sorted(glob.glob(os.path.join(logdir, "tau*-*/"))):
-        tau, pace = re.fullmatch(r"tau([0-9.]+)-(?:pace([0-9.]+)|closed)", os.path.basename(cell_dir[:-1])).groups()
-        tau, pace = float(tau), CLOSED_FORM if pace is None else float(pace)
+        match = re.fullmatch(r"tau([0-9.]+)-(pace([0-9.]+)|linear|closed)", os.path.basename(cell_dir[:-1]))
+        if match is None:
+            print(f"skipped, not a cell of the grid: {cell_dir}")
+            continue
+        tau, predictor, pace = float(match[1]), "mlp" if match[3] else match[2], float(match[3] or 1)
         for configuration, number in CONFIGURATIONS.items():
             runs = {}
             for run_dir in sorted(glob.glob(os.path.join(cell_dir, f"*__{configuration}__s*__*"))):
@@ -49,13 +54,13 @@ def load_cells(logdir, steps):
                 runs[seed]["auc"] = float(runs[seed]["return_curve"].mean())
                 runs[seed]["collapsed_at_end"] = bool(run["embedding/collapsed"][1][-10:].all())
             if runs:
-                cells.append({"configuration": number, "tau": tau, "pace": pace, "runs": runs})
-    cells.sort(key=lambda c: (c["configuration"] != "3", -c["tau"], c["pace"]))
+                cells.append({"configuration": number, "tau": tau, "predictor": predictor, "pace": pace, "runs": runs})
+    cells.sort(key=lambda c: (c["configuration"] != "3", -c["tau"], PREDICTORS.index(c["predictor"]), c["pace"]))
     return cells
 
 
 def print_table(cells):
-    print("| config | --ema-tau | predictor pace | seeds | final return (mean; per seed) | AUC (mean; per seed) "
+    print("| config | --ema-tau | predictor | seeds | final return (mean; per seed) | AUC (mean; per seed) "
           "| pre-LN variance: lowest, end (median) | collapsed iterations | seeds collapsed at the end "
           "| effective rank: lowest, end |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -63,7 +68,7 @@ def print_table(cells):
         runs = cell["runs"].values()
         col = lambda key: np.array([r[key] for r in runs])
         per_seed = lambda key: " ".join(f"{v:.0f}" for v in col(key))
-        print(f"| {cell['configuration']} | {cell['tau']:g} | {pace_label(cell['pace'])} "
+        print(f"| {cell['configuration']} | {cell['tau']:g} | {predictor_label(cell)} "
               f"| {' '.join(map(str, cell['runs']))} "
               f"| {col('final_return').mean():.1f}; {per_seed('final_return')} | {col('auc').mean():.1f}; "
               f"{per_seed('auc')} | {np.median(col('lowest_pre_ln')):.1e}, {np.median(col('final_pre_ln')):.1e} "
@@ -76,10 +81,10 @@ def write_csv(cells, path):
             "iterations", "collapsed_at_end", "lowest_rank", "final_rank"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["configuration", "ema_tau", "predictor_pace", "seed", *keys])
+        writer.writerow(["configuration", "ema_tau", "predictor", "predictor_lr_mult", "seed", *keys])
         for cell in cells:
             for seed, run in cell["runs"].items():
-                writer.writerow([cell["configuration"], cell["tau"], pace_label(cell["pace"]), seed,
+                writer.writerow([cell["configuration"], cell["tau"], cell["predictor"], cell["pace"], seed,
                                  *(run[k] for k in keys)])
 
 
@@ -96,11 +101,10 @@ def plot(cells, path):
     for cell in cells:
         runs = list(cell["runs"].values())
         configuration = next(k for k, v in CONFIGURATIONS.items() if v == cell["configuration"])
-        tint = PACE_TINTS.get(cell["pace"], 1.0)  # under 1: towards white; over 1: towards black
+        tint = TINTS.get((cell["predictor"], cell["pace"]), 1.0)  # under 1: towards white; over 1: towards black
         base = np.array(to_rgb(COLORS[configuration]))
         color = 1 - tint * (1 - base) if tint <= 1 else base / tint
-        label = (f"config {cell['configuration']}, tau {cell['tau']:g}, pace {pace_label(cell['pace'])} "
-                 f"({len(runs)} seeds)")
+        label = f"config {cell['configuration']}, tau {cell['tau']:g}, {predictor_label(cell)} ({len(runs)} seeds)"
         for ax, (key, title) in zip(axes, panels):
             curves = np.stack([r[key] for r in runs])
             center = curves.mean(0) if key == "return_curve" else np.exp(np.log(curves).mean(0))
@@ -128,7 +132,7 @@ if __name__ == "__main__":
     opts = parser.parse_args()
     cells = load_cells(opts.logdir, opts.steps)
     if not cells:
-        sys.exit(f"error: no finished runs under {opts.logdir}/tau*-pace*/")
+        sys.exit(f"error: no finished runs under {opts.logdir}/tau*-pace*/, tau*-linear/ or tau*-closed/")
     print_table(cells)
     if opts.csv:
         write_csv(cells, opts.csv)
