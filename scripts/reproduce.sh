@@ -61,4 +61,7 @@ if [ "$dry_run" = 1 ]; then
 fi
 mkdir -p "$logdir"
 printf '%s\0' "${commands[@]}" | xargs -0 -P "$jobs" -n 1 sh -c
-echo "done: python scripts/plot.py $logdir --out docs"
+steps=$(printf '%s' "$flags" | sed -n 's/.*--total-timesteps[ =]\([0-9]*\).*/\1/p')
+out=$logdir   # only the full default sweep replaces the figure and table in docs/
+[ "$logdir $seeds $configs $flags" = "runs/reproduce 1 2 3 4 5 1 2 3 4 " ] && out=docs
+echo "done: python scripts/plot.py $logdir --out $out${steps:+ --steps $steps}"
