@@ -4,11 +4,11 @@
 
 Reads <logdir>/tau<T>-pace<P>/<run directories> (the MLP predictor at a multiple P of the encoder's learning rate),
 tau<T>-linear/ (--predictor linear) and tau<T>-closed/ (--predictor closed-form), and prints one row per cell
-(configuration, --ema-tau, predictor),
-with the measures of scripts/ablation_table.py: the final return (episodes ending in the last 10k steps), AUC (the
-running mean return averaged over the run), the lowest and the last embedding/variance_pre_ln (median over seeds),
-the share of iterations with embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and at the
-end, mean over seeds). A cell counts a seed as collapsed when its last 10 iterations are all collapsed.
+(configuration, --ema-tau, predictor), with the measures of scripts/ablation_table.py: the final return (episodes
+ending in the last 10k steps), AUC (the running mean return averaged over the run), the lowest and the last
+embedding/variance_pre_ln and embedding/variance (median over seeds), the share of iterations with
+embedding/collapsed = 1 (all seeds together) and the effective rank (lowest and at the end, mean over seeds). A cell
+counts a seed as collapsed when its last 10 iterations are all collapsed.
 """
 
 import argparse
@@ -61,9 +61,10 @@ def load_cells(logdir, steps):
 
 def print_table(cells):
     print("| config | --ema-tau | predictor | seeds | final return (mean; per seed) | AUC (mean; per seed) "
-          "| pre-LN variance: lowest, end (median) | collapsed iterations | seeds collapsed at the end "
+          "| pre-LN variance: lowest, end (median) | s_x variance: lowest, end (median) | collapsed iterations "
+          "| seeds collapsed at the end "
           "| effective rank: lowest, end |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         runs = cell["runs"].values()
         col = lambda key: np.array([r[key] for r in runs])
@@ -72,6 +73,7 @@ def print_table(cells):
               f"| {' '.join(map(str, cell['runs']))} "
               f"| {col('final_return').mean():.1f}; {per_seed('final_return')} | {col('auc').mean():.1f}; "
               f"{per_seed('auc')} | {np.median(col('lowest_pre_ln')):.1e}, {np.median(col('final_pre_ln')):.1e} "
+              f"| {np.median(col('lowest_variance')):.1e}, {np.median(col('final_variance')):.1e} "
               f"| {col('collapsed').sum()}/{col('iterations').sum()} | {col('collapsed_at_end').sum()}/{len(runs)} "
               f"| {col('lowest_rank').mean():.1f}, {col('final_rank').mean():.1f} |")
 
