@@ -90,14 +90,20 @@ def write_csv(cells, path):
                                  *(run[k] for k in keys)])
 
 
+LINESTYLES = {"mlp": "-", "linear": "--", "closed": "-."}
+
+
 def plot(cells, path):
+    """One row of panels per --ema-tau: return, pre-LN variance and s_x variance, each cell's mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True, sharex=True)
+    taus = sorted({cell["tau"] for cell in cells}, reverse=True)
+    fig, axes = plt.subplots(len(taus), 3, figsize=(15, 4 * len(taus)), constrained_layout=True, sharex=True,
+                             squeeze=False)
     panels = [("return_curve", "running mean return (20 episodes)"), ("pre_ln_curve", "embedding/variance_pre_ln"),
               ("variance_curve", "embedding/variance (s_x)")]
     for cell in cells:
@@ -106,22 +112,23 @@ def plot(cells, path):
         tint = TINTS.get((cell["predictor"], cell["pace"]), 1.0)  # under 1: towards white; over 1: towards black
         base = np.array(to_rgb(COLORS[configuration]))
         color = 1 - tint * (1 - base) if tint <= 1 else base / tint
-        label = f"config {cell['configuration']}, tau {cell['tau']:g}, {predictor_label(cell)} ({len(runs)} seeds)"
-        for ax, (key, title) in zip(axes, panels):
+        label = f"config {cell['configuration']}, {predictor_label(cell)} ({len(runs)} seeds)"
+        for ax, (key, title) in zip(axes[taus.index(cell["tau"])], panels):
             curves = np.stack([r[key] for r in runs])
             center = curves.mean(0) if key == "return_curve" else np.exp(np.log(curves).mean(0))
-            ax.plot(runs[0]["grid"] / 1000, center, color=color, linestyle="-" if cell["tau"] > 0 else "--",
+            ax.plot(runs[0]["grid"] / 1000, center, color=color, linestyle=LINESTYLES[cell["predictor"]],
                     linewidth=2 if cell["configuration"] == "3" else 1.2, label=label)
-            ax.set_title(title)
+            ax.set_title(f"--ema-tau {cell['tau']:g}: {title}", fontsize=10)
             if key != "return_curve":
                 ax.set_yscale("log")
                 ax.axhline(1e-7, color="black", linestyle=":", linewidth=1)
-    for ax in axes:
+    for ax in axes[-1]:
         ax.set_xlabel("environment steps (thousands)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Configuration 3 against the predictor's pace (its learning rate / the encoder's) and the target's "
-                 "averaging (solid: EMA tau 0.99, dashed: tau 0); mean over seeds (geometric for variances); "
-                 "dotted: the paper's 1e-7", fontsize=9)
+    for row in axes:
+        row[0].legend(fontsize=8)
+    fig.suptitle("Configuration 3: the predictor's pace (MLP: its learning rate / the encoder's; linear: trained, or "
+                 "refit before every step) against the target's averaging; mean over seeds (geometric for variances); "
+                 "dotted: 1e-7", fontsize=9)
     fig.savefig(path, dpi=100)
 
 
