@@ -2,7 +2,7 @@
 
     python jepa_ppo_cartpole.py --seed 1 --save-model --capture-video --runs-dir runs/greedy
     python jepa_ppo_cartpole.py --seed 1 --total-timesteps 300000 --save-model --capture-video --runs-dir runs/greedy
-    python scripts/greedy.py runs/greedy/* --out docs/greedy.csv
+    python scripts/greedy.py runs/greedy/*/ --out docs/greedy.csv
 
 One row per run: its configuration and seed, the steps it trained, the mean return of its 10 greedy episodes
 (`charts/greedy_return`: the most probable action at every step, one episode per environment), the mean return of
