@@ -7,9 +7,8 @@ tau<T>-linear/ (--predictor linear) and tau<T>-closed/ (--predictor closed-form)
 (configuration, --ema-tau, predictor), with the measures of scripts/ablation_table.py: the final return (episodes
 ending in the last 10k steps), AUC (the running mean return averaged over the run), the lowest and the last
 embedding/variance_pre_ln and embedding/variance (median over seeds), the share of iterations with
-embedding/collapsed = 1 (all seeds together), the effective rank (lowest and at the end, mean over seeds), the JEPA
-loss over the last 10 iterations (median over seeds) and the R^2 of the lab's linear probe of the pole angle on its
-fixed set of states at the last fit (mean over seeds). A cell counts a seed as collapsed when its last 10
+embedding/collapsed = 1 (all seeds together), the effective rank (lowest and at the end, mean over seeds) and the
+JEPA loss over the last 10 iterations (median over seeds). A cell counts a seed as collapsed when its last 10
 iterations are all collapsed.
 """
 
@@ -56,8 +55,6 @@ def load_cells(logdir, steps):
                 runs[seed]["auc"] = float(runs[seed]["return_curve"].mean())
                 runs[seed]["collapsed_at_end"] = bool(run["embedding/collapsed"][1][-10:].all())
                 runs[seed]["jepa_loss_end"] = float(run["losses/jepa_loss"][1][-10:].mean())
-                probe = run.get("probe/r2_pole_angle")  # the lab's fixed-set probe, last fit
-                runs[seed]["probe_r2_pole_angle"] = float(probe[1][-1]) if probe is not None else float("nan")
             if runs:
                 cells.append({"configuration": number, "tau": tau, "predictor": predictor, "pace": pace, "runs": runs})
     cells.sort(key=lambda c: (c["configuration"] != "3", -c["tau"], PREDICTORS.index(c["predictor"]), c["pace"]))
@@ -68,8 +65,8 @@ def print_table(cells):
     print("| config | --ema-tau | predictor | seeds | final return (mean; per seed) | AUC (mean; per seed) "
           "| pre-LN variance: lowest, end (median) | s_x variance: lowest, end (median) | collapsed iterations "
           "| seeds collapsed at the end "
-          "| effective rank: lowest, end | JEPA loss, end | probe R^2 of the pole angle, end |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| effective rank: lowest, end | JEPA loss, end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         runs = cell["runs"].values()
         col = lambda key: np.array([r[key] for r in runs])
@@ -81,13 +78,12 @@ def print_table(cells):
               f"| {np.median(col('lowest_variance')):.1e}, {np.median(col('final_variance')):.1e} "
               f"| {col('collapsed').sum()}/{col('iterations').sum()} | {col('collapsed_at_end').sum()}/{len(runs)} "
               f"| {col('lowest_rank').mean():.1f}, {col('final_rank').mean():.1f} "
-              f"| {np.median(col('jepa_loss_end')):.1e} | {col('probe_r2_pole_angle').mean():.2f} |")
+              f"| {np.median(col('jepa_loss_end')):.1e} |")
 
 
 def write_csv(cells, path):
     keys = ["final_return", "auc", "lowest_pre_ln", "final_pre_ln", "lowest_variance", "final_variance", "collapsed",
-            "iterations", "collapsed_at_end", "lowest_rank", "final_rank", "jepa_loss_end",
-            "probe_r2_pole_angle"]
+            "iterations", "collapsed_at_end", "lowest_rank", "final_rank", "jepa_loss_end"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["configuration", "ema_tau", "predictor", "predictor_lr_mult", "seed", *keys])
