@@ -64,8 +64,7 @@ def load_cells(logdir, steps):
 def print_table(cells):
     print("| config | --ema-tau | predictor | seeds | final return (mean; per seed) | AUC (mean; per seed) "
           "| pre-LN variance: lowest, end (median) | s_x variance: lowest, end (median) | collapsed iterations "
-          "| seeds collapsed at the end "
-          "| effective rank: lowest, end | JEPA loss, end |")
+          "| seeds collapsed at the end | effective rank: lowest, end | JEPA loss, end |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         runs = cell["runs"].values()
