@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+import unittest.mock
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -111,7 +112,10 @@ def check_args(args: Args) -> "str | None":
                 "learning_rate", "clip_coef", "max_grad_norm"]
     non_negative = ["ent_coef", "vf_coef", "jepa_coef", "var_coef", "lr_warmup_iters"]
     rules = [("must be positive", lambda v: v > 0, positive), ("must be non-negative", lambda v: v >= 0, non_negative),
-             ("must lie in [0, 1]", lambda v: 0.0 <= v <= 1.0, ["gamma", "gae_lambda", "ema_tau"])]
+             ("must lie in [0, 1]", lambda v: 0.0 <= v <= 1.0, ["gamma", "gae_lambda", "ema_tau"]),
+             (f"must be divisible by --patch-size ({args.patch_size})", lambda v: v % args.patch_size == 0,
+              ["frame_height", "frame_width"]),
+             (f"must be divisible by --num-heads ({args.num_heads})", lambda v: v % args.num_heads == 0, ["embed_dim"])]
     for rule, holds, names in rules:
         for name in names:
             if not holds(getattr(args, name)):
@@ -123,31 +127,32 @@ def check_args(args: Args) -> "str | None":
                 f"{most}{' (raise --num-envs or --num-steps)' if most == 0 else ''}: a minibatch needs 2 transitions")
     if args.total_timesteps < args.num_envs * args.num_steps:
         return f"--total-timesteps must be at least --num-envs x --num-steps, got {args.total_timesteps}"
-    for name in ["frame_height", "frame_width"]:
-        if getattr(args, name) % args.patch_size:
-            return f"{flag(name)} ({getattr(args, name)}) must be divisible by --patch-size ({args.patch_size})"
-    if args.embed_dim % args.num_heads:
-        return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
     if not (args.jepa or args.rl_grad or args.var_reg):
         return "--no-jepa --no-rl-grad --no-var-reg leaves the encoder untrained: use --jepa, --rl-grad or --var-reg"
     return None
 
 def parse_args(argv=None, args_class=Args, check=check_args):
     """tyro's parser, with every error boiled down to one line and no run directory touched."""
-    errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
+        with contextlib.redirect_stderr(io.StringIO()):
             args = tyro.cli(args_class, args=argv)
     except SystemExit as e:
-        if e.code:  # tyro draws a box: a title, the message (wrapped), a rule, hints; keep the message, one line
-            lines = [line.strip(" |+-\u2502\u256d\u256e\u2570\u256f\u2500") for line in errors.getvalue().splitlines()]
-            after_title = itertools.dropwhile(lambda line: not line, lines[1:])  # a plain terminal puts a rule first
-            message = " ".join(itertools.takewhile(bool, after_title)) or "invalid arguments"
-            sys.exit(f"error: {message} (see --help)")
+        if e.code:
+            sys.exit(f"error: {tyro_error(args_class, argv)} (see --help)")
         raise
     if error := check(args):
         sys.exit(f"error: {error}")
     return args
+
+def tyro_error(args_class, argv) -> str:
+    """tyro's error box, drawn again too wide to wrap, as one line: its message, then the flags it suggests."""
+    with contextlib.redirect_stderr(io.StringIO()) as errors, unittest.mock.patch.dict(os.environ, COLUMNS="100000"):
+        with contextlib.suppress(SystemExit):
+            tyro.cli(args_class, args=argv)
+    rows = [row.strip(" |\u2502\u256d\u256e\u2570\u256f\u2500") for row in errors.getvalue().splitlines()]
+    title, message, *hints = [row for row in rows if row.strip("-")] + ["invalid arguments"] * 2  # no rules, no sides
+    suggested = sorted({hint.split()[0].rstrip(",") for hint in hints if hint.startswith("--")})
+    return message + (f"; perhaps you meant {', '.join(suggested)}" if suggested else "")
 
 # -- Pixels: Gymnasium's CartPole scene drawn in torch ----------------------------------------------------------------
 # Geometry of gymnasium/envs/classic_control/cartpole.py `render`, in the 600 x 400 frame after its vertical flip (y
@@ -157,8 +162,7 @@ CROP_TOP, CROP_BOTTOM = 165, 325  # the rows where cart and pole can ever be (no
 CART_TOP, CART_BOTTOM, TRACK_ROW = 284.0, 315.0, 299.0
 PIVOT_Y, AXLE_RADIUS = 292.5, 5.5  # pole axle, 107.5 above the bottom in Gymnasium's own (unflipped) coordinates
 # grayscale shades of Gymnasium's colours (ITU-R 601 luma): pole (202, 152, 101), axle (129, 132, 203)
-POLE_GRAY = 0.299 * 202 + 0.587 * 152 + 0.114 * 101
-AXLE_GRAY = 0.299 * 129 + 0.587 * 132 + 0.114 * 203
+POLE_GRAY, AXLE_GRAY = 0.299 * 202 + 0.587 * 152 + 0.114 * 101, 0.299 * 129 + 0.587 * 132 + 0.114 * 203
 
 def interval_coverage(lo, hi, pixel_lo, pixel_hi):
     """Fraction of each pixel interval [pixel_lo, pixel_hi) covered by [lo, hi) (broadcasts)."""
@@ -264,36 +268,40 @@ class Block(nn.Module):  # pre-norm transformer block with fused attention
         return x + self.mlp(self.ln_2(x))
 
 class ViTEncoder(nn.Module):
-    """Frames (B, 3, H, W) uint8 -> embedding (B, D): the CLS token after the last block and a final LayerNorm. Each
+    """Frames (B, F, H, W) uint8 -> embedding (B, D): the CLS token after the last block and a final LayerNorm. Each
     frame's patches are tokens of their own, at a position that sums three learned tables: frame, row, column."""
-    def __init__(self, frame_height=32, frame_width=96, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4):
+    def __init__(self, frame_height=32, frame_width=96, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4,
+                 num_frames=3):
         super().__init__()
+        if frame_height % patch_size or frame_width % patch_size or embed_dim % num_heads:
+            raise ValueError(f"patch_size ({patch_size}) must divide frame_height ({frame_height}) and frame_width "
+                             f"({frame_width}), num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
         p, d = patch_size, embed_dim
-        self.patch_size, self.rows, self.cols = p, frame_height // p, frame_width // p
+        self.patch_size, self.rows, self.cols, self.num_frames = p, frame_height // p, frame_width // p, num_frames
         self.patch_proj = nn.Linear(p * p, d)
-        self.frame_pos = nn.Parameter(0.02 * torch.randn(3, 1, 1, d))
+        self.frame_pos = nn.Parameter(0.02 * torch.randn(num_frames, 1, 1, d))
         self.row_pos = nn.Parameter(0.02 * torch.randn(1, self.rows, 1, d))
         self.col_pos = nn.Parameter(0.02 * torch.randn(1, 1, self.cols, d))
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
         self.blocks = nn.ModuleList(Block(d, num_heads, mlp_ratio) for _ in range(depth))
         self.ln_f = nn.LayerNorm(d)
-
     def embed_patches(self, frames):
-        """(B, 3, H, W) uint8 -> tokens (B, 3, rows, cols, D). uint8 is rearranged (a cheap copy), then made floats as
+        """(B, F, H, W) uint8 -> tokens (B, F, rows, cols, D). uint8 is rearranged (a cheap copy), then made floats as
         ink (1 - intensity): the white background is 0, so only patches with cart or pole stand out from the bias."""
-        B, p = frames.shape[0], self.patch_size
-        patches = frames.view(B, 3, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, 3, rows, cols, p, p)
-        return self.patch_proj(torch.rsub(patches.reshape(B, 3, self.rows, self.cols, p * p), 1.0, alpha=1 / 255))
-
+        (B, *size), p, n = frames.shape, self.patch_size, self.num_frames
+        if frames.dtype != torch.uint8 or size != [n, self.rows * p, self.cols * p]:
+            raise ValueError(f"ViTEncoder takes uint8 frames (B, {n}, {self.rows * p}, {self.cols * p}), got "
+                             f"{frames.dtype} {tuple(frames.shape)}")
+        patches = frames.view(B, n, self.rows, p, self.cols, p).permute(0, 1, 2, 4, 3, 5)  # (B, F, rows, cols, p, p)
+        return self.patch_proj(torch.rsub(patches.reshape(B, n, self.rows, self.cols, p * p), 1.0, alpha=1 / 255))
     def pre_norm(self, frames):
-        """(B, 3, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
+        """(B, F, H, W) uint8 -> (B, D): the CLS token after the last block, before the final LayerNorm."""
         B = frames.shape[0]
-        tokens = self.embed_patches(frames) + self.frame_pos + self.row_pos + self.col_pos  # (B, 3, rows, cols, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens.flatten(1, 3)], dim=1)  # (B, 1 + 3 rows cols, D)
+        tokens = self.embed_patches(frames) + self.frame_pos + self.row_pos + self.col_pos  # (B, F, rows, cols, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens.flatten(1, 3)], dim=1)  # (B, 1 + F rows cols, D)
         for block in self.blocks:
             x = block(x)
         return x[:, 0]
-
     def forward(self, frames):
         return self.ln_f(self.pre_norm(frames))
 
@@ -304,7 +312,9 @@ class Predictor(nn.Module):
         self.fc1, self.fc2 = nn.Linear(embed_dim, hidden), nn.Linear(hidden, embed_dim)
         self.action_proj = nn.Linear(num_actions, hidden)  # the one-hot action, added before the non-linearity
     def forward(self, s_x, action):
-        one_hot = F.one_hot(action.long(), self.action_proj.in_features).float()
+        if action.shape != s_x.shape[:1] or action.is_floating_point() or action.is_complex():
+            raise ValueError(f"Predictor takes one integer action per row, got {action.dtype} {tuple(action.shape)}")
+        one_hot = F.one_hot(action.long(), self.action_proj.in_features).float()  # (B, num_actions)
         return self.fc2(F.gelu(self.fc1(s_x) + self.action_proj(one_hot)))
 
 def make_heads(embed_dim, num_actions=2):
@@ -347,13 +357,9 @@ def embedding_variance(s):
 
 def variance_loss(s_x):
     """L_var = -min(1, mean_d Var_batch(s_x)): rewards spread up to unit variance, then stops."""
+    if s_x.shape[0] < 2:
+        raise ValueError(f"variance_loss needs a batch of 2 or more embeddings (B, D), got {tuple(s_x.shape)}")
     return -s_x.var(dim=0).mean().clamp(max=1.0)  # embedding_variance, written out so that this copies alone
-
-def effective_rank(s):
-    """exp(entropy) of the normalized singular values of the centred batch (B, D): 1 to D directions of spread."""
-    singular = torch.linalg.svdvals((s - s.mean(0)).double())
-    p = singular / singular.sum().clamp(min=1e-12)
-    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
 
 def compute_advantages(rewards, values, next_value, terminations, dones, gamma, gae_lambda):
     """GAE over (num_steps, num_envs). The row after a done holds the episode's final state (NEXT_STEP autoreset): a
@@ -400,8 +406,7 @@ def make_rollout_storage(num_steps, num_envs, stack_shape, embed_dim, device) ->
     return {"stacks": zeros(T + 1, N, *stack_shape, dtype=torch.uint8),  # stack_shape: (3, H, W)
             "valid": zeros(T, N, dtype=torch.bool),  # False on the reset steps of NEXT_STEP autoreset: no transition
             "actions": zeros(T, N, dtype=torch.long), "logprobs": zeros(T, N), "values": zeros(T, N),
-            "rewards": zeros(T, N), "terminations": zeros(T, N),
-            "dones": zeros(T, N),  # terminated or truncated by row t's action: row t + 1 is a reset step
+            "rewards": zeros(T, N), "terminations": zeros(T, N), "dones": zeros(T, N),  # dones: row t + 1 is a reset
             "embeddings": zeros(T, N, embed_dim), "pre_norm": zeros(T, N, embed_dim)}  # s_x, and before the final LN
 
 def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict) -> list:
@@ -422,9 +427,8 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
         state, reward, terminated, done, next_stack, info = step_envs(envs, action, stack, env_state["is_reset_step"])
         rollout["rewards"][step], rollout["terminations"][step], rollout["dones"][step] = reward, terminated, done
         env_state.update(state=state, stack=next_stack, is_reset_step=done)
-        if "_episode" in info:
-            episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
-                         for i in np.flatnonzero(info["_episode"])]
+        episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
+                     for i in np.flatnonzero(info.get("_episode", []))]
     rollout["stacks"][-1] = env_state["stack"]
     return episodes
 
@@ -436,9 +440,8 @@ def make_batch(args: Args, rollout: dict, encoder, target_encoder, critic) -> di
         next_value = critic(encoder(stacks[-1])).flatten()
         advantages = compute_advantages(rollout["rewards"], values, next_value, rollout["terminations"],
                                         rollout["dones"], args.gamma, args.gae_lambda)
-        batch = {"stacks": stacks[:-1], "next_stacks": stacks[1:], "actions": rollout["actions"],
-                 "logprobs": rollout["logprobs"], "advantages": advantages, "returns": advantages + values,
-                 "values": values}
+        batch = {"stacks": stacks[:-1], "next_stacks": stacks[1:], "actions": rollout["actions"], "values": values,
+                 "logprobs": rollout["logprobs"], "advantages": advantages, "returns": advantages + values}
         batch = {k: v.flatten(0, 1) for k, v in batch.items()}
         batch["targets"] = target_encoder(batch.pop("next_stacks"))  # (T * N, D)
     return {k: v[rollout["valid"].flatten()] for k, v in batch.items()}  # the reset rows dropped
@@ -448,7 +451,7 @@ def clip_grad_norms(modules: dict, max_norm: float) -> dict:
     predictor of --no-jepa, the critic of --no-rl-grad); return the norms before. `clip_grad_norm_`'s arithmetic."""
     norms = {}
     for name, module in modules.items():
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        grads = [p.grad for p in module.parameters() if p.grad is not None] or [torch.zeros(())]  # none: a norm of 0
         norms[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         torch._foreach_mul_(grads, (max_norm / (norms[name] + 1e-6)).clamp(max=1.0))
     return norms
@@ -481,8 +484,7 @@ def learning_rate_at(args: Args, iteration: int, num_iterations: int) -> float:
 def log_update(writer, losses: dict, batch: dict, rollout: dict, learning_rate: float, global_step: int):
     """CleanRL's tags, gradient norms, and the collapse indicators on the rollout's own embeddings."""
     valid = rollout["valid"]
-    embeddings = rollout["embeddings"][valid]  # (num_valid, D)
-    variance = embedding_variance(embeddings).item()
+    variance = embedding_variance(rollout["embeddings"][valid]).item()  # on the rollout's transitions
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
     losses = {k: v.item() if torch.is_tensor(v) else v for k, v in losses.items()}
@@ -492,8 +494,7 @@ def log_update(writer, losses: dict, batch: dict, rollout: dict, learning_rate: 
                "losses/explained_variance": explained_var,
                **{f"grad_norm/{k}": losses[f"grad_norm_{k}"] for k in ["encoder", "predictor", "actor", "critic"]},
                "embedding/variance": variance, "embedding/collapsed": float(variance < 1e-7),
-               "embedding/variance_pre_ln": embedding_variance(rollout["pre_norm"][valid]).item(),
-               "embedding/effective_rank": effective_rank(embeddings)}
+               "embedding/variance_pre_ln": embedding_variance(rollout["pre_norm"][valid]).item()}
     for tag, value in scalars.items():
         writer.add_scalar(tag, value, global_step)
 
@@ -526,8 +527,7 @@ def play_greedy(encoder, actor, height, width, episodes, seed, gif_path=None, st
     """The mean return of greedy episodes, one per environment; the first saved to `gif_path` at 160 x 600."""
     device, envs = next(encoder.parameters()).device, make_envs(episodes)
     state = torch.as_tensor(envs.reset(seed=seed)[0], device=device)
-    stack = initial_stack(state, height, width, stack_length)
-    is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
+    stack, is_reset_step = initial_stack(state, height, width, stack_length), state.new_zeros(episodes).bool()
     draw = lambda state: render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy()
     returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, bool), [draw(state)] if gif_path else []
     while not finished.all():
@@ -553,8 +553,8 @@ def start_run(args: Args, device):
     torch.backends.cudnn.deterministic = True  # on a GPU too, a seed gives one run
     run_dir = make_run_dir(args)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
-                                                                          vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     envs = make_envs(args.num_envs)
     return run_dir, writer, envs, torch.as_tensor(envs.reset(seed=args.seed)[0], device=device)
 

@@ -6,7 +6,8 @@ Every flag of the reference works here unchanged; with no lab flag a run logs th
 reference (`jepa_ppo_cartpole_lab_test.py` checks it) and adds the lab's diagnostics on top:
 
     diagnostics  linear probes of the true state (a fixed set and on-policy), the CLS token's attention maps, the probe
-                 set in TensorBoard's projector, the final LayerNorm's gain, the targets' variance, timings
+                 set in TensorBoard's projector, the embedding's effective rank, the final LayerNorm's gain, the targets'
+                 variance, timings
     encoders     --encoder cnn, and ViT variants: --tubelets, --patch-embed conv, --frame-diffs, --frame-gap
     ablations    the ingredients of configuration 3's collapse: --fresh-targets, --ema-per-iteration, --no-ink,
                  --no-final-ln, --weight-decay, and the predictor's pace: --predictor-lr-mult, --predictor
@@ -466,6 +467,13 @@ def lab_update(args: LabArgs, encoder, target_encoder, predictor, actor, critic,
     return losses
 
 
+def effective_rank(s):
+    """exp(entropy) of the normalized singular values of the centred batch (B, D): 1 to D directions of spread."""
+    singular = torch.linalg.svdvals((s - s.mean(0)).double())
+    p = singular / singular.sum().clamp(min=1e-12)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
+
+
 def log_diagnostics(writer, args: LabArgs, encoder, batch, probes: dict, onpolicy_pool, iteration, num_iterations,
                     global_step):
     """What the lab logs beyond the reference: the LayerNorm's gain, the targets' variance, probes, pictures."""
@@ -534,6 +542,8 @@ if __name__ == "__main__":
             t2 = time.perf_counter()
             global_step += batch_size
             ref.log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("embedding/effective_rank", effective_rank(rollout["embeddings"][rollout["valid"]]),
+                              global_step)
             if args.predictor_lr_mult != 1.0:
                 writer.add_scalar("charts/predictor_learning_rate", optimizer.param_groups[1]["lr"], global_step)
             if args.predictor == "closed-form":

@@ -5,9 +5,9 @@
     python scripts/greedy.py runs/greedy/*/ --out docs/greedy.csv
 
 One row per run: its configuration and seed, the steps it trained, the mean return of its 10 greedy episodes
-(`charts/greedy_return`: the most probable action at every step, one episode per environment), the mean return of
-the sampled episodes that ended in its last 10k training steps, and the command that repeats it (the script and the
-flags whose values differ from the defaults).
+(`charts/greedy_return`: the most probable action at every step, one episode per environment), its final return
+(the sampled episodes that end in the last 10k steps of its --total-timesteps, `plot.final_return`, as every table
+reports it), and the command that repeats it (the script and the flags whose values differ from the defaults).
 """
 
 import argparse
@@ -15,28 +15,9 @@ import csv
 import os
 import sys
 
-import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import jepa_ppo_cartpole as ref  # noqa: E402
-from plot import CONFIGURATIONS, read_events  # noqa: E402
-
-NOT_IN_COMMAND = {"exp_name", "runs_dir"}  # where a run writes, not what it computes
-
-
-def command(flags: dict) -> str:
-    """`python jepa_ppo_cartpole.py` with each logged flag whose value is not the default's."""
-    parts = ["python jepa_ppo_cartpole.py"]
-    for name, default in vars(ref.Args()).items():
-        if name in NOT_IN_COMMAND or name not in flags or flags[name] == str(default):
-            continue
-        flag = name.replace("_", "-")
-        if isinstance(default, bool):
-            parts.append(f"--{flag}" if flags[name] == "True" else f"--no-{flag}")
-        else:
-            parts.append(f"--{flag} {flags[name]}")
-    return " ".join(parts)
+from plot import CONFIGURATIONS, command, final_return, read_events  # noqa: E402
 
 
 def greedy_row(run_dir: str) -> dict:
@@ -49,7 +30,7 @@ def greedy_row(run_dir: str) -> dict:
     return {"configuration": next(label for name, label, _ in CONFIGURATIONS if name == configuration),
             "seed": int(flags["seed"]), "steps_trained": trained, "greedy_episodes": 10,
             "greedy_mean_return": round(float(run["charts/greedy_return"][1][-1]), 1),
-            "sampled_return_last_10k": round(float(np.mean(returns[steps > trained - 10_000])), 1),
+            "final_return": round(final_return(steps, returns, int(flags["total_timesteps"])), 1),
             "command": command(flags)}
 
 

@@ -1,10 +1,10 @@
-"""The table and figure of the predictor-pace grid, from the logs of scripts/pace_grid.sh.
+"""The table and figure of the predictor-pace grid, from the logs of docs/research/pace_grid.sh.
 
-    python scripts/pace_table.py runs/pace [--csv docs/pace_grid.csv] [--plot docs/pace_grid.png]
+    python docs/research/pace_table.py runs/pace [--csv docs/pace_grid.csv] [--plot docs/pace_grid.png]
 
 Reads <logdir>/tau<T>-pace<P>/<run directories> (the MLP predictor at a multiple P of the encoder's learning rate),
 tau<T>-linear/ (--predictor linear) and tau<T>-closed/ (--predictor closed-form), and prints one row per cell
-(configuration, --ema-tau, predictor), with the measures of scripts/ablation_table.py: the final return (episodes
+(configuration, --ema-tau, predictor), with the measures of docs/research/ablation_table.py: the final return (episodes
 ending in the last 10k steps), AUC (the running mean return averaged over the run), the lowest and the last
 embedding/variance_pre_ln and embedding/variance (median over seeds), the share of iterations with
 embedding/collapsed = 1 (all seeds together), the effective rank (lowest and at the end, mean over seeds) and the
@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from ablation_table import summarize  # noqa: E402
 from plot import COLORS, read_run  # noqa: E402
 
@@ -136,7 +137,7 @@ def plot(cells, path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("logdir", help="the --logdir of scripts/pace_grid.sh (one subdirectory per cell)")
+    parser.add_argument("logdir", help="the --logdir of docs/research/pace_grid.sh (one subdirectory per cell)")
     parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
     parser.add_argument("--csv", help="also write one row per run to this file")
     parser.add_argument("--plot", help="also draw return and variance curves (mean over seeds) to this file")

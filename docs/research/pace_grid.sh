@@ -4,14 +4,14 @@
 # predictor at pace 1 (--predictor linear, cells tau<T>-linear) and the same refit by least squares before every step
 # (--predictor closed-form, cells tau<T>-closed); configuration 2 at tau 0 and pace 1 as the control; 50k steps,
 # screening seeds 6-8, every run single-threaded.
-# The warm-up stays off, as in the ingredient ablation (scripts/ablation.sh), whose tau 0.99 and tau 0 cells at
+# The warm-up stays off, as in the ingredient ablation (docs/research/ablation.sh), whose tau 0.99 and tau 0 cells at
 # pace 1 these repeat.
 #
-#   PYTHON=.venv/bin/python bash scripts/pace_grid.sh --jobs 2     # logs in runs/pace/<cell>
-#   bash scripts/pace_grid.sh --dry-run                            # print the commands
-#   python scripts/pace_table.py runs/pace --csv docs/pace_grid.csv --plot docs/pace_grid.png
+#   PYTHON=.venv/bin/python bash docs/research/pace_grid.sh --jobs 2     # logs in runs/pace/<cell>
+#   bash docs/research/pace_grid.sh --dry-run                            # print the commands
+#   python docs/research/pace_table.py runs/pace --csv docs/pace_grid.csv --plot docs/pace_grid.png
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 jobs=2
 seeds="6 7 8"

@@ -2,14 +2,14 @@
 
     pip install -r requirements-plots.txt        # matplotlib, for the figure
     bash scripts/reproduce.sh --flags "--total-timesteps 300000 --capture-video" --seeds "1 2 3" --logdir runs/long300
-    python scripts/long_runs.py runs/long300 --out docs/long_runs.png
+    python docs/research/long_runs.py runs/long300 --out docs/long_runs.png
 
 Reads a sweep of any length (one run per configuration and seed, the runs of a configuration all of one length;
 each run's --total-timesteps from the flags it logged; the learning rate anneals over the whole run, not over
 100k, and the run ends at T, --total-timesteps rounded down to whole batches). Per run:
   return at k x 100k    mean return of the episodes that end in (k x 100k - 10k, k x 100k], for every k x 100k
-                        up to --total-timesteps (a 300k-step run's last window ends at T = 299,776)
-  AUC                   the running mean of the last 20 episodes averaged over steps 0-T (as scripts/screen.py)
+                        up to --total-timesteps: scripts/plot.py's final return of a run of k x 100k steps
+  AUC                   the running mean of the last 20 episodes averaged over steps 0-T (as docs/research/screen.py)
   steps to 400 / 475    first step at which the running mean of the last 20 episodes reaches 400 / 475
                         (a full window of 20 episodes); 475 is Gymnasium's reward threshold for CartPole-v1
   lowest variance       the minimum of embedding/variance over the run; collapsed: the share of iterations
@@ -30,16 +30,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import COLORS, CONFIGURATIONS, read_events, running_mean, steps_to  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from plot import COLORS, CONFIGURATIONS, final_return, read_events, running_mean, steps_to  # noqa: E402
 from screen import mean_se, run_steps  # noqa: E402
 from screen import summarize as screen_summary  # noqa: E402
 
 THRESHOLDS = (400, 475)
-
-
-def window_mean(steps, returns, end, width=10_000):
-    in_window = (steps > end - width) & (steps <= end)
-    return float(returns[in_window].mean()) if in_window.any() else float("nan")
 
 
 def summarize(run, requested, total):
@@ -47,7 +43,7 @@ def summarize(run, requested, total):
     steps, returns = run["charts/episodic_return"]
     rm_steps, rm = running_mean(steps, returns)
     return {
-        "returns": {end: window_mean(steps, returns, end) for end in range(100_000, requested + 1, 100_000)},
+        "returns": {end: final_return(steps, returns, end) for end in range(100_000, requested + 1, 100_000)},
         "auc": screen_summary(run, total)["auc"],
         **{f"to_{t}": steps_to(rm_steps, rm, t) for t in THRESHOLDS},
         "lowest_variance": float(run["embedding/variance"][1].min()),

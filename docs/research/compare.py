@@ -1,12 +1,12 @@
 """Two or more sweeps side by side (for example the ViT and `--encoder cnn`), per configuration.
 
     pip install -r requirements-plots.txt        # matplotlib, for the figure
-    python scripts/compare.py runs/reproduce:ViT runs/reproduce_cnn:CNN --out docs/vit_vs_cnn.png
+    python docs/research/compare.py runs/reproduce:ViT runs/reproduce_cnn:CNN --out docs/vit_vs_cnn.png
 
 Each argument is LOGDIR:LABEL, a sweep written by scripts/reproduce.sh. The statistics are those of
-scripts/plot.py (final return = mean of the episodes ending in 90k-100k steps; IQM and 95% bootstrap
-intervals over seeds); the figure draws, per configuration (in its colour), each sweep's mean running return (a
-line style per sweep) with the bootstrap interval of the mean as a band. Prints the table as Markdown.
+scripts/plot.py (final return = mean of the episodes ending in 90k-100k steps; IQM; 95% t interval of the
+mean over seeds); the figure draws, per configuration (in its colour), each sweep's mean running return (a line
+style per sweep) with the t interval of the mean as a band. Prints the table as Markdown.
 """
 
 import argparse
@@ -16,11 +16,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import COLORS, CONFIGURATIONS, GRID, bootstrap_ci, iqm, load_sweep  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from plot import COLORS, CONFIGURATIONS, GRID, iqm, load_sweep, t_interval  # noqa: E402
 
 
 def rows(sweeps):
-    lines = ["| configuration | encoder | seeds | final return: mean +- std [95% CI] | final return: IQM [95% CI] "
+    lines = ["| configuration | encoder | seeds | final return: mean +- std [95% CI] | final return: IQM "
              "| AUC: mean [95% CI] | runs reaching 400 (median steps) |", "|---|---|---|---|---|---|---|"]
     for configuration, label, _ in CONFIGURATIONS:
         for name, sweep in sweeps:
@@ -31,10 +32,10 @@ def rows(sweeps):
             auc = np.array([run["auc"] for run in runs.values()])
             to_400 = np.array([run["steps_to_400"] for run in runs.values()])
             reached = np.isfinite(to_400)
-            ci = lambda x, statistic: "[{:.1f}, {:.1f}]".format(*bootstrap_ci(x, statistic))
+            ci = lambda x: "[{:.1f}, {:.1f}]".format(*t_interval(x))
             median_400 = f"{np.median(to_400) / 1000:.1f}k" if np.isfinite(np.median(to_400)) else "-"
             lines.append(f"| {label} | {name} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std():.1f} "
-                         f"{ci(finals, np.mean)} | {iqm(finals):.1f} {ci(finals, iqm)} | {auc.mean():.1f} {ci(auc, np.mean)} "
+                         f"{ci(finals)} | {iqm(finals):.1f} | {auc.mean():.1f} {ci(auc)} "
                          f"| {reached.sum()}/{len(to_400)} ({median_400}) |")
     return "\n".join(lines)
 
@@ -54,12 +55,12 @@ def plot(sweeps, path):
                 continue
             curves = np.stack([run["return_curve"] for run in sweep[configuration].values()])
             ax.plot(GRID, curves.mean(0), color=COLORS[configuration], linestyle=style, label=f"{name} ({len(curves)} seeds)")
-            ax.fill_between(GRID, *bootstrap_ci(curves, np.mean), color=COLORS[configuration], alpha=alpha)
+            ax.fill_between(GRID, *t_interval(curves), color=COLORS[configuration], alpha=alpha)
         ax.set_title(label)
         ax.set_xlabel("environment steps")
         ax.legend(loc="upper left", fontsize="small")
     axes[0, 0].set_ylabel("running mean return (last 20 episodes)")
-    fig.suptitle("Encoders side by side: mean over seeds (line), 95% bootstrap interval of the mean (band)")
+    fig.suptitle("Encoders side by side: mean over seeds (line), 95% t interval of the mean (band)")
     fig.savefig(path, dpi=110)
 
 

@@ -2,11 +2,11 @@
 # Configuration 3's collapse, one ingredient at a time: configurations 2 (control) and 3, 50k steps, screening
 # seeds 6-8, every run single-threaded; the table comes from `python scripts/plot.py <dir> --steps 50000`.
 #
-#   PYTHON=.venv/bin/python bash scripts/ablation.sh --jobs 2            # logs in runs/ablation/<ingredient>
-#   bash scripts/ablation.sh --only "defaults no-ink" --dry-run          # print some of the commands
-#   bash scripts/ablation.sh --only "defaults no-ink" --configs 1 --logdir runs/ablation_config1   # configuration 1 too
+#   PYTHON=.venv/bin/python bash docs/research/ablation.sh --jobs 2            # logs in runs/ablation/<ingredient>
+#   bash docs/research/ablation.sh --only "defaults no-ink" --dry-run          # print some of the commands
+#   bash docs/research/ablation.sh --only "defaults no-ink" --configs 1 --logdir runs/ablation_config1   # configuration 1 too
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 jobs=2
 seeds="6 7 8"

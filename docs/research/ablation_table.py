@@ -1,6 +1,6 @@
-"""The configuration-3 ablation table from the logs of scripts/ablation.sh.
+"""The configuration-3 ablation table from the logs of docs/research/ablation.sh.
 
-    python scripts/ablation_table.py runs/ablation runs/ablation_config1 [--steps 50000] [--csv F] [--plot F]
+    python docs/research/ablation_table.py runs/ablation runs/ablation_config1 [--steps 50000] [--csv F] [--plot F]
 
 Reads <logdir>/<ingredient>/<run directories> (of every log directory given) and prints, per ingredient and configuration (mean over seeds
 unless said otherwise):
@@ -22,14 +22,14 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import read_run, running_mean  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from plot import final_return, read_run, running_mean  # noqa: E402
 
 CONFIGURATIONS = {"nojepa-rlgrad-novar": "1", "jepa-rlgrad-novar": "2", "jepa-norlgrad-novar": "3"}
 
 
 def summarize(run, steps):
     episode_steps, returns = run["charts/episodic_return"]
-    final = returns[(episode_steps > steps - 10_000) & (episode_steps <= steps)]
     last = lambda tag: float(run[tag][1][-10:].mean()) if tag in run else float("nan")
     lowest = lambda tag: float(run[tag][1].min()) if tag in run else float("nan")
     grid = np.arange(0, steps + 1, 500)
@@ -37,7 +37,7 @@ def summarize(run, steps):
     return {
         "return_curve": np.interp(grid, *running_mean(episode_steps, returns), left=returns[0]),
         "variance_curve": curve("embedding/variance"), "pre_ln_curve": curve("embedding/variance_pre_ln"), "grid": grid,
-        "final_return": float(final.mean()),
+        "final_return": final_return(episode_steps, returns, steps),
         "lowest_pre_ln": lowest("embedding/variance_pre_ln"), "final_pre_ln": last("embedding/variance_pre_ln"),
         "lowest_variance": lowest("embedding/variance"), "final_variance": last("embedding/variance"),
         "collapsed": int(run["embedding/collapsed"][1].sum()), "iterations": len(run["embedding/collapsed"][1]),
@@ -48,7 +48,7 @@ def summarize(run, steps):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("logdirs", nargs="+", help="directories with one subdirectory of runs per ingredient (scripts/ablation.sh)")
+    parser.add_argument("logdirs", nargs="+", help="directories with one subdirectory of runs per ingredient (docs/research/ablation.sh)")
     parser.add_argument("--steps", type=int, default=50_000, help="length of the runs")
     parser.add_argument("--csv", help="also write one row per run to this file")
     parser.add_argument("--plot", help="also draw return and variance curves (mean over seeds) to this file")

@@ -1,11 +1,12 @@
 """The screening table: one row per candidate setting, each a directory of runs over a few seeds.
 
-    python scripts/screen.py runs/screen/vit runs/screen/cnn ...      # one directory per candidate
+    python docs/research/screen.py runs/screen/vit runs/screen/cnn ...      # one directory per candidate
 
 Every run directory under a candidate's directory counts: one configuration, one run per seed. Runs of any
 length compare: with T the run's own steps (its --total-timesteps rounded down to whole batches, read from
 the hyperparameters it logged),
-  final return    mean return of the episodes that end in the last tenth of the run (0.9 T, T]
+  last tenth      mean return of the episodes that end in the last tenth of the run (0.9 T, T]; not the final
+                  return of scripts/plot.py, (T' - 10k, T'] with T' the --total-timesteps asked for
   halfway return  the same for the tenth before the middle (0.4 T, 0.5 T]: at 50k steps in a 100k-step run
   AUC             the running mean of the last 20 episodes, averaged over steps 0-T
   steps to 400    first step at which that running mean reaches 400 (a full window of 20 episodes)
@@ -22,6 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from plot import read_events, running_mean, steps_to  # noqa: E402
 
 
@@ -55,7 +57,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", nargs="+", help="one directory of runs per candidate setting")
     args = parser.parse_args()
-    print("| candidate | steps | seeds | final return per seed | final return: mean +- s.e. | halfway return: mean +- s.e. "
+    print("| candidate | steps | seeds | last-tenth return per seed | last-tenth return: mean +- s.e. | halfway return: mean +- s.e. "
           "| AUC: mean +- s.e. | steps to 400 per seed |")
     print("|---|---|---|---|---|---|---|---|")
     for candidate in args.candidates:

@@ -1,6 +1,6 @@
 """How large is each loss's gradient on the encoder? Per-loss gradient norms over the first iterations of a run.
 
-    python scripts/grad_scale.py --seed 6 --iterations 71 --every 10
+    python docs/research/grad_scale.py --seed 6 --iterations 71 --every 10
 
 Trains with the lab's (and so the reference's) own functions and default flags (configuration 2, the warm-up and
 annealing schedule of a 100k-step run) and, on the first minibatch of every --every-th iteration's batch, prints
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import jepa_ppo_cartpole_lab as lab  # noqa: E402
 
 ref = lab.ref

@@ -1,8 +1,8 @@
 """Does the split into reference and lab change any run? Runs the single file of a commit before the split and the
 lab of this checkout with the same flags and seed, and compares the scalars they both log, to the bit.
 
-    python scripts/split_check.py --out docs/split_check.csv              # the README's rows and the lab's levers
-    python scripts/split_check.py --before f55ef73 --steps 6144 --jobs 2 --only vit cnn
+    python docs/research/split_check.py --out docs/split_check.csv              # the README's rows and the lab's levers
+    python docs/research/split_check.py --before f55ef73 --steps 6144 --jobs 2 --only vit cnn
 
 Each case is a set of flags run in the given configurations; every run is single-threaded on the CPU. The earlier
 commit is checked out with `git worktree` under --logdir. Prints and writes one row per run pair: the tags both log
@@ -17,6 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from same_logs import differing_tags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

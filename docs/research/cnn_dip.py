@@ -1,7 +1,7 @@
 """Where a CNN embedding's variance goes: ReLU activity, and the pre-LayerNorm vector split into what the
 LayerNorm removes and what it keeps.
 
-    python scripts/cnn_dip.py runs/diag_relu     # every <run>/model.pt below it, written with --encoder cnn --save-model
+    python docs/research/cnn_dip.py runs/diag_relu     # every <run>/model.pt below it, written with --encoder cnn --save-model
 
 For each checkpoint, on 512 probe stacks (the lab's `make_probe_set`, seed 123), for the x-encoder at the run's own
 initialisation and after training:
@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import jepa_ppo_cartpole_lab as lab  # noqa: E402
 
 
