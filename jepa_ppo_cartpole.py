@@ -3,8 +3,7 @@ Kenneweg & Hammer, "JEPA for RL" (ESANN 2025, arXiv 2504.16591). Beyond the pape
     x-encoder  ViT over the patches of frames (t-2, t-1, t); its CLS output is the embedding s_x
     y-encoder  the same ViT fed frames (t-1, t, t+1); an EMA of the x-encoder, never given a gradient
     predictor  2-layer MLP: s_x and the one-hot action a_t -> prediction of s_y
-    losses     PPO (actor, critic, entropy) + jepa_coef * ||pred - s_y||^2 (+ var_coef * L_var)
-"""
+    losses     PPO (actor, critic, entropy) + jepa_coef * ||pred - s_y||^2 (+ var_coef * L_var)"""
 
 import contextlib
 import functools
@@ -106,7 +105,6 @@ class Args:
 
 def check_args(args: Args) -> "str | None":
     """Return a one-line error naming the offending flag, or None when the flags make sense."""
-    flag = lambda name: "--" + name.replace("_", "-")
     positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_height",
                 "frame_width", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_hidden",
                 "learning_rate", "clip_coef", "max_grad_norm"]
@@ -119,7 +117,7 @@ def check_args(args: Args) -> "str | None":
     for rule, holds, names in rules:
         for name in names:
             if not holds(getattr(args, name)):
-                return f"{flag(name)} {rule}, got {getattr(args, name)}"
+                return f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}"
     # a reset row follows a transition, so num_steps // 2 rows per env or more are transitions; a minibatch needs 2
     most = args.num_envs * (args.num_steps // 2) // 2
     if args.num_minibatches > most:
@@ -129,17 +127,14 @@ def check_args(args: Args) -> "str | None":
         return f"--total-timesteps must be at least --num-envs x --num-steps, got {args.total_timesteps}"
     if not (args.jepa or args.rl_grad or args.var_reg):
         return "--no-jepa --no-rl-grad --no-var-reg leaves the encoder untrained: use --jepa, --rl-grad or --var-reg"
-    return None
 
 def parse_args(argv=None, args_class=Args, check=check_args):
     """tyro's parser, with every error boiled down to one line and no run directory touched."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             args = tyro.cli(args_class, args=argv)
-    except SystemExit as e:
-        if e.code:
-            sys.exit(f"error: {tyro_error(args_class, argv)} (see --help)")
-        raise
+    except SystemExit as e:  # --help exits with 0
+        sys.exit(f"error: {tyro_error(args_class, argv)} (see --help)" if e.code else 0)
     if error := check(args):
         sys.exit(f"error: {error}")
     return args
@@ -149,10 +144,13 @@ def tyro_error(args_class, argv) -> str:
     with contextlib.redirect_stderr(io.StringIO()) as errors, unittest.mock.patch.dict(os.environ, COLUMNS="100000"):
         with contextlib.suppress(SystemExit):
             tyro.cli(args_class, args=argv)
+    # the box's rows, sides and corners stripped: a title, the message, then sections between rules ("" or "---")
     rows = [row.strip(" |\u2502\u256d\u256e\u2570\u256f\u2500") for row in errors.getvalue().splitlines()]
-    title, message, *hints = [row for row in rows if row.strip("-")] + ["invalid arguments"] * 2  # no rules, no sides
-    suggested = sorted({hint.split()[0].rstrip(",") for hint in hints if hint.startswith("--")})
-    return message + (f"; perhaps you meant {', '.join(suggested)}" if suggested else "")
+    rows = list(itertools.dropwhile(lambda row: not row, rows))[1:]
+    message, *hints = [list(rows) for rule, rows in itertools.groupby(rows, lambda row: not row.strip("-")) if not rule]
+    suggested = sorted({flag.split()[0] for hint in hints if hint[0].startswith(("Perhaps", "Arguments similar"))
+                        for row in hint[1:] if row.startswith("--") for flag in row.split(", ")})
+    return " ".join(message) + (f"; perhaps you meant {', '.join(suggested)}" if suggested else "")
 
 # -- Pixels: Gymnasium's CartPole scene drawn in torch ----------------------------------------------------------------
 # Geometry of gymnasium/envs/classic_control/cartpole.py `render`, in the 600 x 400 frame after its vertical flip (y
@@ -161,8 +159,8 @@ SCREEN_WIDTH, SCALE = 600, 600 / (2 * 2.4)  # 125 pixels per metre
 CROP_TOP, CROP_BOTTOM = 165, 325  # the rows where cart and pole can ever be (non-white rows: 172-314)
 CART_TOP, CART_BOTTOM, TRACK_ROW = 284.0, 315.0, 299.0
 PIVOT_Y, AXLE_RADIUS = 292.5, 5.5  # pole axle, 107.5 above the bottom in Gymnasium's own (unflipped) coordinates
-# grayscale shades of Gymnasium's colours (ITU-R 601 luma): pole (202, 152, 101), axle (129, 132, 203)
-POLE_GRAY, AXLE_GRAY = 0.299 * 202 + 0.587 * 152 + 0.114 * 101, 0.299 * 129 + 0.587 * 132 + 0.114 * 203
+# grayscale shades (ITU-R 601 luma) of Gymnasium's pole and axle colours
+POLE_GRAY, AXLE_GRAY = (0.299 * r + 0.587 * g + 0.114 * b for r, g, b in [(202, 152, 101), (129, 132, 203)])
 
 def interval_coverage(lo, hi, pixel_lo, pixel_hi):
     """Fraction of each pixel interval [pixel_lo, pixel_hi) covered by [lo, hi) (broadcasts)."""
@@ -327,15 +325,15 @@ def make_vit(args: Args) -> ViTEncoder:
     return ViTEncoder(args.frame_height, args.frame_width, args.patch_size, args.embed_dim, args.depth, args.num_heads,
                       args.mlp_ratio)
 
-def make_agent(args: Args, device, encoder_fn=make_vit):
+def make_agent(args: Args, device, encoder_fn=make_vit, num_actions=2):
     """x-encoder, y-encoder (an exact copy, never optimized; `encoder_fn` builds both), predictor, actor, critic, and
     one Adam over all that is trained: elementwise, the modules share it without sharing a step (`clip_grad_norms`)."""
     encoder = encoder_fn(args).to(device)
     target_encoder = encoder_fn(args).to(device)
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)
-    predictor = Predictor(args.embed_dim, args.predictor_hidden).to(device)
-    actor, critic = (head.to(device) for head in make_heads(args.embed_dim))
+    predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions).to(device)
+    actor, critic = (head.to(device) for head in make_heads(args.embed_dim, num_actions))
     trained = [p for module in (encoder, predictor, actor, critic) for p in module.parameters()]
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one kernel for all
     return encoder, target_encoder, predictor, actor, critic, optimizer
@@ -406,12 +404,13 @@ def make_rollout_storage(num_steps, num_envs, stack_shape, embed_dim, device) ->
     return {"stacks": zeros(T + 1, N, *stack_shape, dtype=torch.uint8),  # stack_shape: (3, H, W)
             "valid": zeros(T, N, dtype=torch.bool),  # False on the reset steps of NEXT_STEP autoreset: no transition
             "actions": zeros(T, N, dtype=torch.long), "logprobs": zeros(T, N), "values": zeros(T, N),
-            "rewards": zeros(T, N), "terminations": zeros(T, N), "dones": zeros(T, N),  # dones: row t + 1 is a reset
+            "rewards": zeros(T, N), "terminations": zeros(T, N), "dones": zeros(T, N),  # done: row t + 1 resets
             "embeddings": zeros(T, N, embed_dim), "pre_norm": zeros(T, N, embed_dim)}  # s_x, and before the final LN
 
-def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict) -> list:
+def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict, env_step=step_envs) -> list:
     """Play one rollout into `rollout` (in place); return the ended episodes as (row, return, length). `env_state`
-    carries state, frame stack and reset-step flags to the next rollout. Row t's reward and done are its action's."""
+    carries state, frame stack and reset-step flags to the next rollout. Row t's reward and done are its action's;
+    `env_step` is `step_envs` or another environment's step with its signature."""
     episodes = []
     for step in range(rollout["actions"].shape[0]):
         stack = env_state["stack"]
@@ -424,7 +423,7 @@ def collect_rollout(envs, encoder, actor, critic, rollout: dict, env_state: dict
             rollout["values"][step] = critic(s_x).flatten()
         rollout["embeddings"][step], rollout["pre_norm"][step] = s_x, h
         rollout["actions"][step], rollout["logprobs"][step] = action, probs.log_prob(action)
-        state, reward, terminated, done, next_stack, info = step_envs(envs, action, stack, env_state["is_reset_step"])
+        state, reward, terminated, done, next_stack, info = env_step(envs, action, stack, env_state["is_reset_step"])
         rollout["rewards"][step], rollout["terminations"][step], rollout["dones"][step] = reward, terminated, done
         env_state.update(state=state, stack=next_stack, is_reset_step=done)
         episodes += [(step, float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
@@ -451,7 +450,7 @@ def clip_grad_norms(modules: dict, max_norm: float) -> dict:
     predictor of --no-jepa, the critic of --no-rl-grad); return the norms before. `clip_grad_norm_`'s arithmetic."""
     norms = {}
     for name, module in modules.items():
-        grads = [p.grad for p in module.parameters() if p.grad is not None] or [torch.zeros(())]  # none: a norm of 0
+        grads = [p.grad for p in module.parameters() if p.grad is not None] or [torch.zeros(())]  # none: norm 0
         norms[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         torch._foreach_mul_(grads, (max_norm / (norms[name] + 1e-6)).clamp(max=1.0))
     return norms
@@ -527,7 +526,8 @@ def play_greedy(encoder, actor, height, width, episodes, seed, gif_path=None, st
     """The mean return of greedy episodes, one per environment; the first saved to `gif_path` at 160 x 600."""
     device, envs = next(encoder.parameters()).device, make_envs(episodes)
     state = torch.as_tensor(envs.reset(seed=seed)[0], device=device)
-    stack, is_reset_step = initial_stack(state, height, width, stack_length), state.new_zeros(episodes).bool()
+    stack = initial_stack(state, height, width, stack_length)
+    is_reset_step = torch.zeros(episodes, dtype=torch.bool, device=device)
     draw = lambda state: render_cartpole(state[:1], CROP_BOTTOM - CROP_TOP, SCREEN_WIDTH)[0].cpu().numpy()
     returns, finished, gif_frames = np.zeros(episodes), np.zeros(episodes, bool), [draw(state)] if gif_path else []
     while not finished.all():
@@ -545,7 +545,7 @@ def play_greedy(encoder, actor, height, width, episodes, seed, gif_path=None, st
         first.save(gif_path, save_all=True, append_images=rest, duration=20, loop=0)
     return float(returns.mean())
 
-def start_run(args: Args, device):
+def start_run(args: Args, device, make_envs=make_envs):
     """Seeds; the run directory, its writer with every flag's value; the environments and their first state."""
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -409,7 +409,10 @@ def load_policy(path: str, device) -> tuple:
     if missing:
         raise CheckpointError(f"{path} does not record {', '.join(missing)}: its architecture is unknown")
     saved = LabArgs(**{k: v for k, v in checkpoint["args"].items() if k in LabArgs.__dataclass_fields__})
-    encoder, actor = make_encoder(saved).to(device), ref.make_heads(saved.embed_dim)[0].to(device)
+    try:  # the ViT checks its sizes when built
+        encoder, actor = make_encoder(saved).to(device), ref.make_heads(saved.embed_dim)[0].to(device)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its flags describe no encoder ({e})") from e
     # the patch projection was named patch_embed before the reference and the lab were split
     weights = {k.replace("patch_embed.", "patch_proj."): v for k, v in checkpoint["encoder"].items()}
     try:

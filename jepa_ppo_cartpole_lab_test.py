@@ -1,5 +1,6 @@
-"""Tests of the lab, jepa_ppo_cartpole_lab.py, and of the research scripts: `python -m pytest -q
-jepa_ppo_cartpole_lab_test.py`. The helpers shared with the reference's tests live in jepa_ppo_cartpole_test.py."""
+"""Tests of the lab, jepa_ppo_cartpole_lab.py: `python -m pytest -q jepa_ppo_cartpole_lab_test.py`. The helpers
+shared with the reference's tests live in jepa_ppo_cartpole_test.py; the scripts' tests sit beside them
+(scripts/scripts_test.py, docs/research/research_test.py)."""
 
 import glob
 import math
@@ -660,7 +661,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_the_comparison_of_the_two_layers_fails_when_the_reference_path_changes_by_one_operation(tmp_path):
     """The agreement test above is no formality: the lab run with one operation more in the reference's own
     `ema_update`, which `ref.update` calls, no longer logs the reference's values. The change is large enough to move
-    the logged floats whatever the CPU's kernels round: a change of a few bits in the y-encoder does not on every CPU."""
+    the logged floats whatever the CPU's kernels round: a change of a few bits in the y-encoder does not on every CPU.
+    That the comparison sees a change far smaller than a weight's step, the weight-decay test above shows."""
     same_logs = script_module("same_logs")
     driver = tmp_path / "one_more_operation.py"
     driver.write_text(ONE_MORE_OPERATION)
@@ -694,8 +696,8 @@ def pre_split_weights(args):
                 layers[f"patch_proj.{2 * i}"] = orthogonal(nn.Conv2d(c_in, c_out, 3, 2, 1))
             layers[f"patch_proj.{2 * len(widths) - 2}"] = orthogonal(nn.Conv2d(widths[-1], d, 1))
         rows, cols = args.frame_height // p, args.frame_width // p
-        for name, shape in [("frame_pos", (3 // n, 1, 1, d)), ("row_pos", (1, rows, 1, d)), ("col_pos", (1, 1, cols, d)),
-                            ("cls_token", (1, 1, d))]:
+        for name, shape in [("frame_pos", (3 // n, 1, 1, d)), ("row_pos", (1, rows, 1, d)),
+                            ("col_pos", (1, 1, cols, d)), ("cls_token", (1, 1, d))]:
             layers[name] = 0.02 * torch.randn(shape)
         for b in range(args.depth):
             layers[f"blocks.{b}.ln_1"], layers[f"blocks.{b}.ln_2"] = nn.LayerNorm(d), nn.LayerNorm(d)
@@ -716,7 +718,8 @@ PRE_SPLIT_ENCODERS = [{}, {"tubelets": True}, {"patch_embed": "conv"}, {"tubelet
                       {"encoder": "cnn"}]
 
 
-@pytest.mark.parametrize("flags", PRE_SPLIT_ENCODERS, ids=lambda flags: "-".join(map(str, flags.values())) or "vit")
+@pytest.mark.parametrize("flags", PRE_SPLIT_ENCODERS,
+                         ids=lambda flags: "-".join(f"{k}={v}" for k, v in flags.items()) or "vit")
 def test_encoders_start_from_the_weights_drawn_before_the_split(flags):
     """The published runs started from these weights: a change to the order in which the reference's ViT or the lab's
     encoders create their layers would silently move them. Both sides are computed here, on this machine's kernels."""

@@ -799,7 +799,14 @@ def test_a_misspelt_flag_is_named_whole_with_tyros_suggestion(argv, meant, colum
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding=encoding))
     message = one_line_exit(argv)
     unknown = ", ".join(argv)
-    assert message == f"error: Unrecognized options: {unknown}; perhaps you meant {', '.join(sorted(meant))} (see --help)"
+    suggested = ", ".join(sorted(meant))
+    assert message == f"error: Unrecognized options: {unknown}; perhaps you meant {suggested} (see --help)"
+
+
+def test_a_bad_value_gets_tyros_message_and_no_suggestion():
+    assert one_line_exit(["--num-envs", "abc"]) == (
+        "error: Error parsing --num-envs: invalid literal for int() with base 10: 'abc' (see --help)")
+    assert one_line_exit(["--no-jep"]).endswith("perhaps you meant --jepa, --no-jepa (see --help)")
 
 
 @pytest.mark.parametrize("argv", [["--num-minibatches", "65"],

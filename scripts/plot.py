@@ -18,7 +18,7 @@ panels: also the effective rank, the JEPA loss and the probes), <out>/results.cs
                   before that tag show nan); collapsed: the iterations whose embedding/variance is under 1e-7
   R^2             the last 2 fits (the last 5k steps) of the two linear probes: probe/onpolicy_r2_* on the
                   states the policy visits, probe/r2_* on the fixed probe set spread over the state space
-Per configuration: mean and standard deviation over seeds (median over seeds for steps to 400), and for the
+Per configuration: mean and sample standard deviation over seeds (median for steps to 400), and for the
 final return and the AUC the interquartile mean (IQM: the mean of the middle half of the seeds, as scipy's
 trim_mean(x, 0.25)) and the 95% Student t interval of the mean (mean +- t(0.975, n - 1) s / sqrt(n)). A
 percentile bootstrap over five seeds is too narrow (it ignores that s is itself estimated from five values), so
@@ -58,9 +58,16 @@ PROBES = {"onpolicy_": "on-policy probe", "": "fixed-set probe"}  # tag prefix -
 HORIZON = 100_000  # the paper's budget; --steps sets another for a shorter look
 GRID = np.arange(0, HORIZON + 1, HORIZON // 100)  # steps at which curves are compared across seeds
 LOG_AXIS = ("variance_curve", "jepa_loss_curve")  # drawn on a log axis, their mean over seeds geometric
-# Student t's 0.975 quantile by degrees of freedom (tables; scipy.stats.t.ppf(0.975, df) to three decimals)
+# Student t's 0.975 quantile by degrees of freedom, as tables print it (scipy.stats.t.ppf(0.975, df), 3 decimals);
+# beyond 30, the Cornish-Fisher expansion around the normal's 1.96 (off by under 1e-4)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+         21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
+
+
+def t_975(df: int) -> float:
+    z = 1.959964
+    return T_975.get(df) or z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def iqm(x, axis=-1):
@@ -71,12 +78,12 @@ def iqm(x, axis=-1):
 
 
 def t_interval(values):
-    """95% Student t interval of the mean of `values` (seeds, ...) along axis 0: (low, high)."""
+    """95% Student t interval of the mean of `values` (seeds, ...) along axis 0: (low, high); nan for one value."""
     values = np.asarray(values, dtype=float)
     n = len(values)
-    if n - 1 not in T_975:
-        raise ValueError(f"t_interval takes 2 to {max(T_975) + 1} values, got {n}")
-    half = T_975[n - 1] * values.std(axis=0, ddof=1) / np.sqrt(n)
+    if n < 2:
+        return np.full((2, *values.shape[1:]), np.nan)
+    half = t_975(n - 1) * values.std(axis=0, ddof=1) / np.sqrt(n)
     return np.stack([values.mean(axis=0) - half, values.mean(axis=0) + half])
 
 
@@ -155,8 +162,8 @@ def summarize_run(run):
     pre_ln = run.get("embedding/variance_pre_ln", (np.array([0.0]), np.array([np.nan])))
     summary["variance_pre_ln"], summary["lowest_variance_pre_ln"] = float(pre_ln[1][-10:].mean()), float(pre_ln[1].min())
     summary["variance_pre_ln_curve"] = np.interp(GRID, *pre_ln)
-    for tag in ["embedding/variance", "embedding/effective_rank", "losses/jepa_loss"]:
-        summary[f"{tag.split('/')[1]}_curve"] = np.interp(GRID, *run[tag])
+    for tag in ["embedding/variance", "embedding/effective_rank", "losses/jepa_loss"]:  # the lab logs the rank
+        summary[f"{tag.split('/')[1]}_curve"] = np.interp(GRID, *run.get(tag, (np.array([0.0]), np.array([np.nan]))))
     for probe in PROBES:
         for name in STATE_VARIABLES:
             # the reference logs no probes (the lab does): their columns are then NaN
@@ -211,7 +218,7 @@ def table_rows(sweep):
             "seeds": " ".join(str(s) for s in runs),
             "paper_return_100k": paper,
             "final_return_mean": round(finals.mean(), 1),
-            "final_return_std": round(finals.std(), 1),
+            "final_return_std": round(finals.std(ddof=1), 1) if len(finals) > 1 else float("nan"),
             "final_returns": " ".join(f"{f:.1f}" for f in finals),
             "final_return_mean_ci95": interval(finals),
             "final_return_iqm": round(float(iqm(finals)), 1),

@@ -1,7 +1,8 @@
-"""Per-seed final returns and AUCs from results CSVs (written by scripts/plot.py), each alone and pooled: the
-mean and its 95% Student t interval per configuration, the intervals the README reports.
+"""Per-seed final returns and AUCs from the CSVs of scripts/plot.py, each alone and pooled: the mean and its 95%
+Student t interval per configuration. A runs.csv gives each run's values as logged; a results.csv only its per-seed
+columns, rounded to 0.1 (for sweeps whose runs.csv was not kept).
 
-    python scripts/pool.py docs/results.csv+docs/results_unseen.csv docs/results_c569acb.csv --out docs/intervals.csv
+    python scripts/pool.py docs/runs.csv+docs/results_unseen.csv docs/results_c569acb.csv --out docs/intervals.csv
 
 Each argument is a CSV, or CSVs joined by "+" to pool: every CSV gets its own rows, then each configuration that two
 or more CSVs of a group hold is pooled over them (their seeds must not overlap).
@@ -19,12 +20,23 @@ from plot import CONFIGURATIONS, t_interval  # noqa: E402
 
 
 def read_seeds(path: str) -> dict:
-    """{configuration label: {seed: (final return, AUC)}} from a results CSV's per-seed columns."""
+    """{configuration label: {seed: (final return, AUC)}} from a runs.csv, or a results.csv's per-seed columns."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {row["configuration"]: {int(seed): (float(final), float(auc)) for seed, final, auc in
-                                   zip(row["seeds"].split(), row["final_returns"].split(), row["aucs"].split())}
-            for row in rows}
+    columns = set(rows[0]) if rows else set()
+    table = {}
+    if {"configuration", "seed", "final_return", "auc"} <= columns:
+        for row in rows:
+            runs = table.setdefault(row["configuration"], {})
+            runs[int(row["seed"])] = (float(row["final_return"]), float(row["auc"]))
+    elif {"configuration", "seeds", "final_returns", "aucs"} <= columns:
+        for row in rows:
+            table[row["configuration"]] = {int(seed): (float(final), float(auc)) for seed, final, auc in
+                                           zip(row["seeds"].split(), row["final_returns"].split(), row["aucs"].split())}
+    else:
+        sys.exit(f"error: {path} has neither a runs.csv's columns (configuration, seed, final_return, auc) nor a "
+                 f"results.csv's per-seed ones (configuration, seeds, final_returns, aucs)")
+    return table
 
 
 def summary_row(source: str, label: str, runs: dict) -> dict:

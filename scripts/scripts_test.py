@@ -22,8 +22,8 @@ def test_plot_statistics_iqm_and_t_interval():
     assert plot.t_interval(np.array([1.0, 2, 3, 4, 5])) == pytest.approx([3 - half, 3 + half])
     curves_low, curves_high = plot.t_interval(np.array([[0.0, 10], [2, 10], [4, 10]]))  # per step
     assert curves_low[1] == curves_high[1] == 10 and curves_low[0] == pytest.approx(2 - 4.303 * 2 / np.sqrt(3))
-    with pytest.raises(ValueError, match="2 to 21 values"):
-        plot.t_interval(np.array([1.0]))
+    assert np.isnan(plot.t_interval(np.array([1.0]))).all()  # one seed: no interval (the README's quick look)
+    assert plot.t_975(30) == 2.042 and plot.t_975(40) == pytest.approx(2.021, abs=1e-3)  # tables' 2.021
 
 
 def test_final_return_is_the_episodes_ending_in_the_last_10k_steps_of_the_budget():
@@ -109,3 +109,26 @@ def test_pool_gives_each_csv_its_rows_then_pools_a_configuration_over_disjoint_s
     assert rows[-1]["final_return_mean"] == 300.0 and rows[-1]["final_return_t95"] == f"[{low:.1f}, {high:.1f}]"
     with pytest.raises(SystemExit, match="repeats seeds"):
         pool.pooled_rows([a, a])
+    runs = tmp_path / "runs.csv"  # a runs.csv: each run's values as logged, unrounded
+    runs.write_text("configuration,seed,final_return,auc\n"
+                    "1: RL gradient only,1,100.04,10.0\n1: RL gradient only,2,200.0,20.0\n")
+    assert pool.read_seeds(str(runs)) == {"1: RL gradient only": {1: (100.04, 10.0), 2: (200.0, 20.0)}}
+    (tmp_path / "other.csv").write_text("configuration,final_return_mean\n1,2\n")
+    with pytest.raises(SystemExit, match="neither a runs.csv's columns"):
+        pool.read_seeds(str(tmp_path / "other.csv"))
+
+
+def test_plot_reads_a_sweep_of_the_reference_which_logs_no_effective_rank(tmp_path):
+    """`reproduce.sh --script jepa_ppo_cartpole.py`: the reference logs neither probes nor the effective rank."""
+    plot = script_module("plot")
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(tmp_path / "reproduce__jepa-rlgrad-novar__s1__1"))
+    for step in range(5_000, 100_001, 5_000):
+        for tag in ["charts/episodic_return", "embedding/variance", "embedding/collapsed", "charts/SPS",
+                    "losses/jepa_loss"]:
+            writer.add_scalar(tag, 0.0 if tag == "embedding/collapsed" else 1.0, step)
+    writer.close()
+    sweep = plot.load_sweep(str(tmp_path))
+    (row,) = plot.table_rows(sweep)
+    assert row["final_return_mean"] == 1.0 and row["final_return_mean_ci95"] == "[nan, nan]"  # one seed
+    assert np.isnan(sweep["jepa-rlgrad-novar"][1]["effective_rank_curve"]).all()

@@ -34,7 +34,7 @@ def rows(sweeps):
             reached = np.isfinite(to_400)
             ci = lambda x: "[{:.1f}, {:.1f}]".format(*t_interval(x))
             median_400 = f"{np.median(to_400) / 1000:.1f}k" if np.isfinite(np.median(to_400)) else "-"
-            lines.append(f"| {label} | {name} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std():.1f} "
+            lines.append(f"| {label} | {name} | {' '.join(map(str, runs))} | {finals.mean():.1f} +- {finals.std(ddof=1):.1f} "
                          f"{ci(finals)} | {iqm(finals):.1f} | {auc.mean():.1f} {ci(auc)} "
                          f"| {reached.sum()}/{len(to_400)} ({median_400}) |")
     return "\n".join(lines)

@@ -37,8 +37,8 @@ def test_compare_puts_each_sweep_of_a_configuration_on_its_own_row(tmp_path):
         writer.close()
     sweeps = [("ViT", plot.load_sweep(str(tmp_path / "vit"))), ("CNN", plot.load_sweep(str(tmp_path / "cnn")))]
     table = compare.rows(sweeps).splitlines()
-    assert table[2].startswith("| 1: RL gradient only | ViT | 1 2 | 150.0 +- 50.0 ")
-    assert table[3].startswith("| 1: RL gradient only | CNN | 1 2 | 430.0 +- 20.0 ")
+    assert table[2].startswith("| 1: RL gradient only | ViT | 1 2 | 150.0 +- 70.7 ")
+    assert table[3].startswith("| 1: RL gradient only | CNN | 1 2 | 430.0 +- 28.3 ")
     assert len(table) == 4  # no row for configurations without runs
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from same_logs import differing_tags  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 CONFIGURATIONS = {
     1: "--no-jepa --rl-grad --no-var-reg", 2: "--jepa --rl-grad --no-var-reg",
     3: "--jepa --no-rl-grad --no-var-reg", 4: "--jepa --no-rl-grad --var-reg",
