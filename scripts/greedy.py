@@ -11,13 +11,12 @@ reports it), and the command that repeats it (the script and the flags whose val
 """
 
 import argparse
-import csv
 import os
 import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import CONFIGURATIONS, command, final_return, read_events  # noqa: E402
+from plot import CONFIGURATIONS, command, final_return, read_events, write_csv  # noqa: E402
 
 
 def greedy_row(run_dir: str) -> dict:
@@ -41,9 +40,6 @@ if __name__ == "__main__":
     opts = parser.parse_args()
     rows = sorted((greedy_row(d) for d in opts.run_dirs), key=lambda r: (r["configuration"], r["seed"],
                                                                          r["steps_trained"]))
-    with open(opts.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(opts.out, rows)
     for row in rows:
         print(", ".join(f"{k} {v}" for k, v in row.items()))

@@ -192,6 +192,14 @@ def load_sweep(logdir):
     return sweep
 
 
+def write_csv(path: str, rows: list):
+    """Rows of dicts (one set of keys) to a CSV with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 RUN_COLUMNS = ["final_return", "auc", "steps_to_400", "steps_to_475", "variance", "lowest_variance", "collapsed",
                "iterations", "variance_pre_ln", "lowest_variance_pre_ln", "run", "command"]
 
@@ -357,11 +365,8 @@ if __name__ == "__main__":
                       f"{run['r2_cart_position']:.2f} (on-policy {run['onpolicy_r2_cart_position']:.2f})")
     rows = table_rows(sweep)
     os.makedirs(opts.out, exist_ok=True)
-    for name, table in [("results.csv", rows), ("runs.csv", run_rows(sweep))]:
-        with open(os.path.join(opts.out, name), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    write_csv(os.path.join(opts.out, "results.csv"), rows)
+    write_csv(os.path.join(opts.out, "runs.csv"), run_rows(sweep))
     plot(sweep, os.path.join(opts.out, "diagnostics.png"))
     plot_paper(sweep, os.path.join(opts.out, "figure3.png"))
     print(markdown(rows))

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import CONFIGURATIONS, t_interval  # noqa: E402
+from plot import CONFIGURATIONS, t_interval, write_csv  # noqa: E402
 
 
 def read_seeds(path: str) -> dict:
@@ -72,9 +72,6 @@ if __name__ == "__main__":
     opts = parser.parse_args()
     rows = [row for group in opts.groups for row in pooled_rows(group.split("+"))]
     if opts.out:
-        with open(opts.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(opts.out, rows)
     for row in rows:
         print(", ".join(f"{k} {v}" for k, v in row.items()))
