@@ -112,9 +112,9 @@ NOT_IN_COMMAND = {"exp_name", "runs_dir"}  # where a run writes, not what it com
 
 def command(flags: dict) -> str:
     """The command that repeats a run from the flags it logged: the lab's script if it logged the lab's flags, else
-    the reference's, with the seed and each flag whose value is not the default's."""
+    the reference's, with the seed and each flag whose value is not the default's, on one thread as every run here."""
     script, args = ("jepa_ppo_cartpole_lab.py", lab.LabArgs()) if "encoder" in flags else ("jepa_ppo_cartpole.py", ref.Args())
-    parts = [f"python {script}"]
+    parts = [f"OMP_NUM_THREADS=1 python {script}"]
     for name, default in vars(args).items():
         if name in NOT_IN_COMMAND or name not in flags or (flags[name] == str(default) and name != "seed"):
             continue
@@ -211,9 +211,9 @@ def run_rows(sweep):
             for seed in sorted(runs)]
 
 
-def table_rows(sweep):
+def table_rows(sweep, paper=True):
     rows = []
-    for configuration, label, paper in CONFIGURATIONS:
+    for configuration, label, paper_return in CONFIGURATIONS:
         runs = sweep.get(configuration)
         if not runs:
             continue
@@ -224,7 +224,7 @@ def table_rows(sweep):
         rows.append({
             "configuration": label,
             "seeds": " ".join(str(s) for s in runs),
-            "paper_return_100k": paper,
+            "paper_return_100k": paper_return if paper else "",
             "final_return_mean": round(finals.mean(), 1),
             "final_return_std": round(finals.std(ddof=1), 1) if len(finals) > 1 else float("nan"),
             "final_returns": " ".join(f"{f:.1f}" for f in finals),
@@ -309,7 +309,7 @@ def plot(sweep, path):
     fig.savefig(path, dpi=110)
 
 
-def plot_paper(sweep, path):
+def plot_paper(sweep, path, paper=True):
     """The paper's Figure 3: the running mean return and the embedding variance of the four configurations, the
     paper's returns at 100k steps marked, the collapse threshold drawn; readable at a page's width."""
     import matplotlib
@@ -328,12 +328,12 @@ def plot_paper(sweep, path):
         ax_return.fill_between(GRID / 1000, *t_interval(returns), color=color, alpha=0.2)
         ax_variance.plot(GRID / 1000, np.exp(np.log(variances).mean(0)), color=color)
         ax_variance.fill_between(GRID / 1000, *np.exp(t_interval(np.log(variances))), color=color, alpha=0.2)
-        if configuration in PAPER_LEVELS and HORIZON == 100_000:  # the paper's level at 100k: a bar or a dot
+        if paper and configuration in PAPER_LEVELS and HORIZON == 100_000:  # the paper's level at 100k: a bar or a dot
             low, high = PAPER_LEVELS[configuration]
             ax_return.plot([103, 103], [low, high + 0.5], color=color, linewidth=4, solid_capstyle="butt")
             ax_return.plot(103, (low + high) / 2, marker="<", color=color, markersize=7)
     ax_return.set_xlim(0, 1.06 * HORIZON / 1000)
-    marks = "; arrows: the paper's returns at 100k" if HORIZON == 100_000 else ""
+    marks = "; arrows: the paper's returns at 100k" if paper and HORIZON == 100_000 else ""
     ax_return.set_xlabel(f"environment steps (thousands){marks}")
     ax_return.set_ylabel("running mean return (last 20 episodes)")
     seeds_each = f"{' or '.join(map(str, seeds))} seed{'s' if max(seeds) > 1 else ''} each"
@@ -350,6 +350,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("logdir", help="directory holding the sweep's run directories")
     parser.add_argument("--out", default="docs", help="where figure3.png and results.csv go")
+    parser.add_argument("--no-paper", action="store_true", help="a sweep of another task (Atari): no marks or column "
+                        "of the paper's CartPole returns")
     parser.add_argument("--per-run", action="store_true", help="also print each run's final return and steps to 400")
     parser.add_argument("--steps", type=int, default=HORIZON, help="the runs' --total-timesteps (final return: the "
                         "last 10k steps; AUC over all), for sweeps shorter than the paper's 100k")
@@ -363,10 +365,10 @@ if __name__ == "__main__":
                       f"{run['steps_to_400']:.0f}, to 475 {run['steps_to_475']:.0f}, AUC {run['auc']:.1f}, variance {run['variance']:.2e}, R^2 pole angle "
                       f"{run['r2_pole_angle']:.2f} (on-policy {run['onpolicy_r2_pole_angle']:.2f}), cart position "
                       f"{run['r2_cart_position']:.2f} (on-policy {run['onpolicy_r2_cart_position']:.2f})")
-    rows = table_rows(sweep)
+    rows = table_rows(sweep, paper=not opts.no_paper)
     os.makedirs(opts.out, exist_ok=True)
     write_csv(os.path.join(opts.out, "results.csv"), rows)
     write_csv(os.path.join(opts.out, "runs.csv"), run_rows(sweep))
     plot(sweep, os.path.join(opts.out, "diagnostics.png"))
-    plot_paper(sweep, os.path.join(opts.out, "figure3.png"))
+    plot_paper(sweep, os.path.join(opts.out, "figure3.png"), paper=not opts.no_paper)
     print(markdown(rows))

@@ -51,7 +51,7 @@ def test_plot_writes_each_runs_lowest_variance_collapsed_iterations_and_command(
     rows = plot.run_rows(sweep)
     assert [(row["seed"], row["lowest_variance"], row["collapsed"], row["iterations"]) for row in rows] == [
         (1, pytest.approx(3e-8), 1, 20), (2, pytest.approx(2e-3), 0, 20)]
-    assert rows[0]["command"] == "python jepa_ppo_cartpole_lab.py --seed 1 --no-cuda --no-rl-grad"
+    assert rows[0]["command"] == "OMP_NUM_THREADS=1 python jepa_ppo_cartpole_lab.py --seed 1 --no-cuda --no-rl-grad"
     (summary,) = plot.table_rows(sweep)
     assert summary["lowest_embedding_variance_of_all_seeds"] == "3.0e-08" and summary["collapsed_iterations"] == "1/40"
     assert summary["final_return_mean_ci95"] == "[30.0, 30.0]"
@@ -91,7 +91,8 @@ def test_greedy_table_reads_the_greedy_return_and_repeats_the_command(tmp_path):
     row = greedy.greedy_row(str(run_dir))
     assert row["steps_trained"] == 299_776 and row["greedy_mean_return"] == 500.0 and row["seed"] == 4
     assert row["final_return"] == 100.0  # plot.py's window, (290k, 300k]: the episode of the last step alone
-    assert row["command"] == "python jepa_ppo_cartpole.py --seed 4 --no-cuda --capture-video --total-timesteps 300000"
+    assert row["command"] == (
+        "OMP_NUM_THREADS=1 python jepa_ppo_cartpole.py --seed 4 --no-cuda --capture-video --total-timesteps 300000")
 
 
 def test_pool_gives_each_csv_its_rows_then_pools_a_configuration_over_disjoint_seeds(tmp_path):

@@ -3,8 +3,9 @@
 
     python docs/research/atari_random.py --games Breakout KungFuMaster --out docs/atari_random.csv
 
-Plays 8 games at a time until --episodes whole games have ended (or --max-steps agent steps per game slot have
-passed); prints and writes the mean, standard deviation and number of games.
+Plays 8 games at a time, --episodes / 8 whole games in each of the 8 slots (the first games to end in a slot, not in
+all slots: the first to end anywhere would favour short, low-scoring games), or as many as end in --max-steps agent
+steps; prints and writes the mean, standard deviation and number of games.
 """
 
 import argparse
@@ -21,15 +22,15 @@ import jepa_ppo_atari as atari  # noqa: E402
 def random_scores(game: str, episodes: int, seed: int, max_steps: int, num_envs: int = 8) -> list:
     games = atari.AtariGames(f"ALE/{game}-v5", num_envs, 64, 64)
     games.reset(seed)
-    rng, scores = np.random.default_rng(seed), []
+    rng, per_slot = np.random.default_rng(seed), [[] for _ in range(num_envs)]
     for _ in range(max_steps):
         _, _, _, _, info = games.step(rng.integers(0, games.num_actions, num_envs))
-        if info:
-            scores += info["episode"]["r"][info["_episode"]].tolist()
-        if len(scores) >= episodes:
+        for n in np.flatnonzero(info.get("_episode", [])):
+            per_slot[n].append(float(info["episode"]["r"][n]))
+        if min(map(len, per_slot)) >= episodes // num_envs:
             break
     games.close()
-    return scores[:episodes]
+    return [score for slot in per_slot for score in slot[:episodes // num_envs]]
 
 
 if __name__ == "__main__":
