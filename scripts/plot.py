@@ -39,6 +39,7 @@ from tensorboard.util import tensor_util
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jepa_ppo_cartpole as ref  # noqa: E402
+import jepa_ppo_atari as atari  # noqa: E402
 import jepa_ppo_cartpole_lab as lab  # noqa: E402
 
 # one colour per configuration in every figure the scripts draw
@@ -111,9 +112,11 @@ NOT_IN_COMMAND = {"exp_name", "runs_dir"}  # where a run writes, not what it com
 
 
 def command(flags: dict) -> str:
-    """The command that repeats a run from the flags it logged: the lab's script if it logged the lab's flags, else
-    the reference's, with the seed and each flag whose value is not the default's, on one thread as every run here."""
+    """The command that repeats a run from the flags it logged: the lab's or the Atari entry point's script if it logged
+    their flags, else the reference's, with the seed and each flag whose value is not the default's, on one thread as every run here."""
     script, args = ("jepa_ppo_cartpole_lab.py", lab.LabArgs()) if "encoder" in flags else ("jepa_ppo_cartpole.py", ref.Args())
+    if "env_id" in flags:
+        script, args = "jepa_ppo_atari.py", atari.AtariArgs()
     parts = [f"OMP_NUM_THREADS=1 python {script}"]
     for name, default in vars(args).items():
         if name in NOT_IN_COMMAND or name not in flags or (flags[name] == str(default) and name != "seed"):

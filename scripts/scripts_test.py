@@ -133,3 +133,9 @@ def test_plot_reads_a_sweep_of_the_reference_which_logs_no_effective_rank(tmp_pa
     (row,) = plot.table_rows(sweep)
     assert row["final_return_mean"] == 1.0 and row["final_return_mean_ci95"] == "[nan, nan]"  # one seed
     assert np.isnan(sweep["jepa-rlgrad-novar"][1]["effective_rank_curve"]).all()
+
+
+def test_a_run_of_the_atari_entry_point_is_repeated_by_its_own_script():
+    plot = script_module("plot")
+    assert plot.command({"env_id": "ALE/Pong-v5", "seed": "3", "jepa": "False", "gamma": "0.99"}) == (
+        "OMP_NUM_THREADS=1 python jepa_ppo_atari.py --seed 3 --no-jepa --env-id ALE/Pong-v5")
