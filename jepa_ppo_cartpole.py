@@ -455,14 +455,14 @@ def clip_grad_norms(modules: dict, max_norm: float) -> dict:
         torch._foreach_mul_(grads, (max_norm / (norms[name] + 1e-6)).clamp(max=1.0))
     return norms
 
-def update(args: Args, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
-    """PPO's epochs over a batch, the JEPA (and variance) loss in each minibatch, the EMA after each step."""
+def update(args: Args, encoder, target_encoder, predictor, actor, critic, optimizer, batch, losses_fn=minibatch_losses):
+    """PPO's epochs over a batch, the minibatch losses of `losses_fn` (PPO, JEPA, variance), the EMA after each step."""
     modules = {"encoder": encoder, "predictor": predictor, "actor": actor, "critic": critic}
     num_valid, clipfracs = len(batch["actions"]), []
     for epoch in range(args.update_epochs):
         for mb_inds in torch.randperm(num_valid, device=batch["actions"].device).tensor_split(args.num_minibatches):
             mb = {k: v[mb_inds] for k, v in batch.items()}
-            losses = minibatch_losses(args, encoder, predictor, actor, critic, mb)
+            losses = losses_fn(args, encoder, predictor, actor, critic, mb)
             clipfracs.append(losses["clipfrac"].item())
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"non-finite loss ({losses['loss'].item()})")

@@ -9,6 +9,8 @@ reference (`jepa_ppo_cartpole_lab_test.py` checks it) and adds the lab's diagnos
                  set in TensorBoard's projector, the embedding's effective rank, the final LayerNorm's gain, the targets'
                  variance, timings
     encoders     --encoder cnn, and ViT variants: --tubelets, --patch-embed conv, --frame-diffs, --frame-gap
+    prediction   --jepa-steps K: the predictor rolled K steps ahead on its own outputs, against the y-embeddings of
+                 the stacks t+1 ... t+K (SPR-style)
     ablations    the ingredients of configuration 3's collapse: --fresh-targets, --ema-per-iteration, --no-ink,
                  --no-final-ln, --weight-decay, and the predictor's pace: --predictor-lr-mult, --predictor
     evaluation   --eval-checkpoint: play a saved model's greedy policy (with --capture-video, save a GIF beside it)
@@ -50,6 +52,10 @@ class LabArgs(ref.Args):
     """if toggled, the encoder reads frames t-2 and t-1 as their differences t-1 - (t-2) and t - (t-1), and frame t"""
     frame_gap: int = 1
     """steps between the three frames: the x-encoder reads (t-2g, t-g, t), the y-encoder (t+1-2g, t+1-g, t+1)"""
+    # The JEPA objective beyond the paper's one step
+    jepa_steps: int = 1
+    """prediction horizon K: the predictor is applied K times, each to its previous output and the action taken at that
+    step; the JEPA loss averages the squared distances to the y-embeddings of the stacks t+1 ... t+K (1: the paper)"""
     # Ingredients of configuration 3's collapse
     fresh_targets: bool = False
     """if toggled, the y-encoder embeds each minibatch's targets just before its step, not once per rollout"""
@@ -81,7 +87,7 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
     """The reference's checks, then the lab's: a one-line error naming the flag, or None."""
     if error := ref.check_args(args):
         return error
-    for name in ["frame_gap", "probe_every", "image_every", "eval_episodes"]:
+    for name in ["frame_gap", "jepa_steps", "probe_every", "image_every", "eval_episodes"]:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if not args.weight_decay >= 0.0:
@@ -91,6 +97,12 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
     if args.predictor == "closed-form" and args.predictor_lr_mult != 1.0:
         return (f"--predictor-lr-mult must be 1 with --predictor closed-form (refit, never stepped), "
                 f"got {args.predictor_lr_mult}")
+    if args.jepa_steps > args.num_steps:
+        return (f"--jepa-steps must be at most --num-steps ({args.num_steps}): no rollout holds a target further "
+                f"ahead, got {args.jepa_steps}")
+    if args.jepa_steps > 1 and (args.fresh_targets or args.predictor == "closed-form"):
+        flag = "--fresh-targets" if args.fresh_targets else "--predictor closed-form"
+        return f"--jepa-steps must be 1 with {flag}, which predicts one step only, got {args.jepa_steps}"
     if args.patch_embed == "conv" and args.patch_size & (args.patch_size - 1):
         return f"--patch-embed conv needs a power of two for --patch-size, got {args.patch_size}"
     if args.encoder == "cnn" and min(args.frame_height, args.frame_width) < 16:
@@ -450,19 +462,85 @@ class FreshTargets:
 
 
 def lab_batch(args: LabArgs, rollout: dict, encoder, target_encoder, critic) -> dict:
+    if args.jepa_steps > 1:
+        return multistep_batch(args, rollout, encoder, target_encoder, critic)
     batch = ref.make_batch(args, rollout, encoder, target_encoder, critic)
     if args.fresh_targets:
         batch["targets"] = FreshTargets(target_encoder, rollout["stacks"][1:].flatten(0, 1)[rollout["valid"].flatten()])
     return batch
 
 
+# -- K-step prediction (--jepa-steps K) --------------------------------------------------------------------------------
+def multistep_targets(rollout: dict, next_embeddings, horizon: int) -> dict:
+    """Row t's K-step JEPA inputs (K = horizon) from a rollout of T rows x N environments and the y-embeddings of its
+    stacks 1 ... T (T, N, D): the targets, y-embeddings of the stacks t+1 ... t+K (T, N, K, D); the actions of rows
+    t+1 ... t+K-1, taken by steps 2 ... K (T, N, K-1); and the steps that enter the loss (T, N, K). Step k+1 follows
+    row t+k's action, so it enters only if rows t+1 ... t+k are transitions of row t's episode (no reset step: the
+    stack after a done, the episode's last, is still a target) inside this rollout. Steps past the rollout's end are
+    dropped, not carried to the next rollout: with T = 32 and K = 5 that is 10 of every 160 (row, step) pairs."""
+    T = rollout["actions"].shape[0]
+    pad = lambda x: torch.cat([x, x.new_zeros((horizon - 1, *x.shape[1:]))])  # rows past the rollout: never entered
+    targets, actions, is_transition = pad(next_embeddings), pad(rollout["actions"]), pad(rollout["valid"])
+    later = range(1, horizon)  # row t + k for step k + 1
+    goes_on = torch.stack([is_transition[k:k + T] for k in later], dim=2).long().cumprod(dim=2).bool()  # (T, N, K-1)
+    return {"targets": torch.stack([targets[k:k + T] for k in range(horizon)], dim=2),
+            "later_actions": torch.stack([actions[k:k + T] for k in later], dim=2),
+            "target_mask": torch.cat([torch.ones_like(goes_on[..., :1]), goes_on], dim=2)}
+
+
+def multistep_batch(args: LabArgs, rollout: dict, encoder, target_encoder, critic) -> dict:
+    """`ref.make_batch` with the K-step JEPA inputs of `multistep_targets` in place of the one-step targets; the
+    y-encoder embeds each stack once, as in the reference, and its first step's targets are the reference's."""
+    seen = {}
+
+    def y_encoder(next_stacks):  # catches the y-embeddings of all T x N next stacks, before the reset rows go
+        seen["y"] = target_encoder(next_stacks)
+        return seen["y"]
+
+    batch = ref.make_batch(args, rollout, encoder, y_encoder, critic)
+    T, N = rollout["actions"].shape
+    ahead = multistep_targets(rollout, seen["y"].view(T, N, -1), args.jepa_steps)
+    return {**batch, **{k: v.flatten(0, 1)[rollout["valid"].flatten()] for k, v in ahead.items()}}
+
+
+def predict_ahead(predictor, s_x, actions):
+    """s_x (B, D) and actions (B, K) -> predictions (B, K, D): step 1 reads s_x, step k the prediction of step k-1."""
+    predictions = [predictor(s_x, actions[:, 0])]
+    for k in range(1, actions.shape[1]):
+        predictions.append(predictor(predictions[-1], actions[:, k]))
+    return torch.stack(predictions, dim=1)
+
+
+def multistep_losses(args: LabArgs, encoder, predictor, actor, critic, mb: dict) -> dict:
+    """`ref.minibatch_losses` with the K-step JEPA loss in place of its one-step term, whose weight is set to 0: the
+    reference's predictor call is caught for its input (s_x, detached under --no-jepa), from which the predictor rolls
+    K steps. The loss averages the squared distances over the (row, step) pairs that enter; one average per step too."""
+    seen = {}
+
+    def first_step(s_x, action):
+        seen["s_x"] = s_x
+        return predictor(s_x, action)
+
+    one_step = {**mb, "targets": mb["targets"][:, 0]}
+    no_one_step = dataclasses.replace(args, jepa_coef=0.0)
+    losses = ref.minibatch_losses(no_one_step, encoder, first_step, actor, critic, one_step)
+    actions = torch.cat([mb["actions"][:, None], mb["later_actions"]], dim=1)  # (B, K)
+    distances = (predict_ahead(predictor, seen["s_x"], actions) - mb["targets"]).pow(2).sum(-1)  # (B, K)
+    mask = mb["target_mask"]
+    j_loss = distances[mask].mean()
+    per_step = {f"jepa_loss_step{k + 1}": distances[:, k][mask[:, k]].mean() for k in range(args.jepa_steps)}
+    return {**losses, "loss": losses["loss"] + args.jepa_coef * j_loss, "jepa_loss": j_loss, **per_step}
+
+
 def lab_update(args: LabArgs, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
-    """`ref.update`; under --ema-per-iteration its per-step EMA is made a no-op (tau 1) and the y-encoder moves once;
-    under --predictor closed-form the predictor is refit before the first step and after every step."""
+    """`ref.update`, with the K-step JEPA loss under --jepa-steps; under --ema-per-iteration its per-step EMA is made a
+    no-op (tau 1) and the y-encoder moves once; under --predictor closed-form the predictor is refit before the first
+    step and after every step."""
     if args.predictor == "closed-form":
         optimizer = RefitAfterEachStep(optimizer, lambda: refit_predictor(predictor, encoder, batch))
     update_args = dataclasses.replace(args, ema_tau=1.0) if args.ema_per_iteration else args
-    losses = ref.update(update_args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
+    losses_fn = multistep_losses if args.jepa_steps > 1 else ref.minibatch_losses
+    losses = ref.update(update_args, encoder, target_encoder, predictor, actor, critic, optimizer, batch, losses_fn)
     if args.ema_per_iteration:
         ref.ema_update(target_encoder, encoder, args.ema_tau)
     if args.predictor == "closed-form":
@@ -482,8 +560,9 @@ def log_diagnostics(writer, args: LabArgs, encoder, batch, probes: dict, onpolic
     """What the lab logs beyond the reference: the LayerNorm's gain, the targets' variance, probes, pictures."""
     if args.final_ln:
         writer.add_scalar("embedding/ln_gain_norm", encoder.ln_f.weight.norm().item(), global_step)
-    if not args.fresh_targets:
-        writer.add_scalar("embedding/target_variance", ref.embedding_variance(batch["targets"]).item(), global_step)
+    if not args.fresh_targets:  # the first step's targets under --jepa-steps
+        targets = batch["targets"] if args.jepa_steps == 1 else batch["targets"][:, 0]
+        writer.add_scalar("embedding/target_variance", ref.embedding_variance(targets).item(), global_step)
     last = iteration == num_iterations
     probe_now = (iteration - 1) % args.probe_every == 0 or last
     images_now = (iteration - 1) % args.image_every == 0 or last
@@ -551,6 +630,8 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/predictor_learning_rate", optimizer.param_groups[1]["lr"], global_step)
             if args.predictor == "closed-form":
                 writer.add_scalar("losses/jepa_loss_refit", losses["jepa_loss_refit"], global_step)
+            for k in range(1, args.jepa_steps + 1) if args.jepa_steps > 1 else []:
+                writer.add_scalar(f"losses/jepa_loss_step{k}", losses[f"jepa_loss_step{k}"].item(), global_step)
             # every fourth step is enough for the on-policy probe: neighbouring steps are nearly the same sample
             onpolicy_pool.append((rollout["stacks"][:-1:4].clone(), torch.stack(row_states)[::4],
                                   rollout["valid"][::4].clone()))
