@@ -2,6 +2,7 @@
 shared with the reference's tests live in jepa_ppo_cartpole_test.py; the scripts' tests sit beside them
 (scripts/scripts_test.py, docs/research/research_test.py)."""
 
+import dataclasses
 import glob
 import math
 import os
@@ -412,6 +413,140 @@ def test_fresh_targets_come_from_the_y_encoder_at_each_step(fresh):
         assert seen == []
 
 
+# ------------------------------------------------------------------------------- K-step prediction
+class CountingEpisodes:
+    """Stands for the environments in `ref.collect_rollout` (`step_envs`' signature and NEXT_STEP autoreset): episodes
+    of 1-5 steps whose frames carry, in their first three pixels, the episode's number, the step within it and the
+    action that led there (255 on an episode's first frame)."""
+
+    def __init__(self, num_envs, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.episode, self.step = np.ones(num_envs, dtype=int), np.zeros(num_envs, dtype=int)
+        self.length = self.rng.integers(1, 6, num_envs)
+
+    def frame(self, action):
+        frame = torch.zeros(len(self.step), 32, 96, dtype=torch.uint8)
+        frame[:, 0, 0], frame[:, 0, 1], frame[:, 0, 2] = map(torch.as_tensor, (self.episode, self.step, action))
+        return frame
+
+    def __call__(self, envs, action, stack, is_reset_step):
+        action, restart = action.numpy(), is_reset_step.numpy()
+        self.episode, self.step = np.where(restart, self.episode + 1, self.episode), np.where(restart, 0, self.step + 1)
+        self.length = np.where(restart, self.rng.integers(1, 6, len(restart)), self.length)
+        done = ~restart & (self.step == self.length)
+        next_stack = ref.push_frame(stack, self.frame(np.where(restart, 255, action)), is_reset_step)
+        return torch.zeros(len(done), 4), torch.ones(len(done)), torch.as_tensor(done, dtype=torch.float32), \
+            torch.as_tensor(done), next_stack, {}
+
+
+def last_frame_labels(stacks):
+    return stacks[:, -1, 0, :3].float()  # (B, 3): episode, step, action that led there; a stub y-encoder
+
+
+def test_k_step_targets_are_the_next_k_stacks_of_the_same_episode_and_no_step_crosses_a_reset():
+    T, N, K = 12, 3, 4
+    args = lab.LabArgs(num_envs=N, num_steps=T, jepa_steps=K)
+    torch.manual_seed(0)
+    encoder, target_encoder, _, actor, critic, _ = lab.make_agent(args, "cpu")
+    episodes = CountingEpisodes(N)
+    rollout = ref.make_rollout_storage(T, N, (3, 32, 96), args.embed_dim, "cpu")
+    env_state = {"state": torch.zeros(N, 4), "stack": episodes.frame(255)[:, None].repeat(1, 3, 1, 1),
+                 "is_reset_step": torch.zeros(N, dtype=torch.bool)}
+    ref.collect_rollout(None, encoder, actor, critic, rollout, env_state, env_step=episodes)
+    assert (~rollout["valid"]).sum() >= 3  # several episodes end inside the rollout
+    batch = lab.multistep_batch(args, rollout, encoder, last_frame_labels, critic)
+    # the first step's targets, and every other entry, are the reference's batch
+    one_step = ref.make_batch(args, rollout, encoder, last_frame_labels, critic)
+    assert torch.equal(batch["targets"][:, 0], one_step["targets"])
+    assert all(torch.equal(batch[k], v) for k, v in one_step.items() if k != "targets")
+    # the oracle: stack t + k is step k of row t's rollout when it is k steps further into the same episode
+    labels = last_frame_labels(rollout["stacks"].flatten(0, 1)).view(T + 1, N, 3)
+    expected = torch.zeros(T, N, K, dtype=torch.bool)
+    for t in range(T):
+        for k in range(1, K + 1):
+            if t + k <= T:
+                same_episode = labels[t + k, :, 0] == labels[t, :, 0]
+                expected[t, :, k - 1] = same_episode & (labels[t + k, :, 1] == labels[t, :, 1] + k)
+    assert torch.equal(batch["target_mask"], expected.flatten(0, 1)[rollout["valid"].flatten()])
+    assert 0 < batch["target_mask"][:, -1].sum() < len(batch["target_mask"])  # some rows reach K steps, some do not
+    row_labels = last_frame_labels(batch["stacks"])
+    actions = torch.cat([batch["actions"][:, None], batch["later_actions"]], dim=1)  # (B, K)
+    for k in range(K):
+        entered = batch["target_mask"][:, k]
+        target = batch["targets"][entered, k]  # (episode, step, the action that led there) of the target stack
+        assert torch.equal(target[:, :2], row_labels[entered, :2] + torch.tensor([0.0, k + 1]))
+        assert torch.equal(target[:, 2], actions[entered, k].float())  # step k + 1 follows row t + k's action
+
+
+def k_step_minibatch(args, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = args.jepa_steps
+    return {**fake_minibatch(args, n=n, seed=seed), "later_actions": torch.randint(0, 2, (n, K - 1), generator=g),
+            "targets": torch.randn(n, K, args.embed_dim, generator=g),
+            "target_mask": torch.ones(n, K, dtype=torch.bool)}
+
+
+def test_k_step_loss_rolls_the_predictor_on_its_own_outputs_and_reaches_the_encoder_through_all_k():
+    args, encoder, predictor, actor, critic = lab_models(jepa_steps=3)
+    mb = k_step_minibatch(args)
+    mb["target_mask"][:, :2] = False  # only the third step enters: its gradient must pass three predictions
+    mb["target_mask"][:4, 2] = False
+    losses = lab.multistep_losses(args, encoder, predictor, actor, critic, mb)
+    s_x = encoder(mb["stacks"])
+    third = predictor(predictor(predictor(s_x, mb["actions"]), mb["later_actions"][:, 0]), mb["later_actions"][:, 1])
+    expected = (third - mb["targets"][:, 2]).pow(2).sum(-1)[4:].mean()
+    torch.testing.assert_close(losses["jepa_loss"], expected)
+    torch.testing.assert_close(losses["jepa_loss_step3"], expected)
+    assert losses["jepa_loss_step1"].isnan() and losses["jepa_loss_step2"].isnan()  # no pair of theirs entered
+    losses["jepa_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*encoder.parameters(), *predictor.parameters()])
+    assert all(p.grad is None for p in [*actor.parameters(), *critic.parameters()])
+
+
+def test_k_step_loss_takes_the_place_of_the_one_step_term_and_averages_the_pairs_that_enter():
+    args, encoder, predictor, actor, critic = lab_models(jepa_steps=2)
+    mb = k_step_minibatch(args)
+    mb["target_mask"][:5, 1] = False
+    losses = lab.multistep_losses(args, encoder, predictor, actor, critic, mb)
+    s_x = encoder(mb["stacks"])
+    first = predictor(s_x, mb["actions"])
+    second = predictor(first, mb["later_actions"][:, 0])
+    d1, d2 = (first - mb["targets"][:, 0]).pow(2).sum(-1), (second - mb["targets"][:, 1]).pow(2).sum(-1)
+    torch.testing.assert_close(losses["jepa_loss"], (d1.sum() + d2[5:].sum()) / (16 + 11))
+    without_jepa = ref.minibatch_losses(dataclasses.replace(args, jepa_coef=0.0), encoder, predictor, actor, critic,
+                                        {**mb, "targets": mb["targets"][:, 0]})
+    torch.testing.assert_close(losses["loss"], without_jepa["loss"] + losses["jepa_loss"])
+    for name in ["policy_loss", "value_loss", "var_loss"]:
+        torch.testing.assert_close(losses[name], without_jepa[name])
+
+
+def test_k_step_loss_under_no_jepa_trains_the_predictor_and_leaves_the_encoder_alone():
+    args, encoder, predictor, actor, critic = lab_models(jepa_steps=3, jepa=False)
+    lab.multistep_losses(args, encoder, predictor, actor, critic, k_step_minibatch(args))["jepa_loss"].backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in predictor.parameters())
+
+
+def test_k_step_prediction_in_the_loop_logs_each_step_and_trains_otherwise_than_one_step():
+    same_logs = script_module("same_logs")
+    run_dir, _ = cached_run(three("2", "--jepa-steps", "3"), script=LAB_SCRIPT)
+    logged = scalars(run_dir)
+    assert sorted(logged) == sorted([*LAB_TAGS, *(f"losses/jepa_loss_step{k}" for k in [1, 2, 3])])
+    steps = [np.array([v for _, v in logged[f"losses/jepa_loss_step{k}"]]) for k in [1, 2, 3]]
+    jepa = np.array([v for _, v in logged["losses/jepa_loss"]])
+    assert np.all(np.isfinite(steps)) and np.all((np.min(steps, 0) <= jepa) & (jepa <= np.max(steps, 0)))
+    one_step_dir, _ = cached_run(three("2"), script=LAB_SCRIPT)
+    differ, _ = same_logs.differing_tags(one_step_dir, run_dir, shared=True)
+    assert "losses/jepa_loss" in differ and "losses/value_loss" in differ
+
+
+def test_one_step_prediction_is_the_reference_to_the_bit():
+    same_logs = script_module("same_logs")
+    ref_dir, _ = cached_run(three("2"))
+    lab_dir, _ = cached_run(three("2", "--jepa-steps", "1"), script=LAB_SCRIPT)
+    assert same_logs.differing_tags(ref_dir, lab_dir, shared=True) == ([], len(TAGS) - len(TIMINGS))
+
+
 @pytest.mark.parametrize("per_iteration", [False, True])
 def test_lab_update_moves_the_y_encoder_by_the_ema_after_every_step_or_once(per_iteration):
     check_ema_steps(per_iteration, update=lab.lab_update, args_class=lab.LabArgs, make_agent=lab.make_agent,
@@ -437,6 +572,10 @@ def test_ema_per_iteration_leaves_the_args_as_they_were():
     (["--patch-embed", "cnn"], "--patch-embed"),
     (["--encoder", "cnn", "--patch-size", "4", "--frame-height", "12"], "--encoder cnn"),
     (["--frame-gap", "0"], "--frame-gap"),
+    (["--jepa-steps", "0"], "--jepa-steps"),
+    (["--jepa-steps", "33"], "--jepa-steps"),
+    (["--jepa-steps", "2", "--fresh-targets"], "--fresh-targets"),
+    (["--jepa-steps", "2", "--predictor", "closed-form"], "--predictor closed-form"),
     (["--predictor-lr-mult", "0"], "--predictor-lr-mult"),
     (["--predictor-lr-mult", "inf"], "--predictor-lr-mult"),
     (["--predictor", "closed-form", "--predictor-lr-mult", "10"], "--predictor closed-form"),
