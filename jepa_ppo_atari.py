@@ -6,7 +6,7 @@ Atari 100k protocol (Kaiser et al. 2019; SPR, DrQ and BBF use it).
 
 The reference's (jepa_ppo_cartpole.py) ViT, predictor, EMA update, JEPA and variance losses, rollout, batch, PPO
 update and logs run unchanged; this file brings the games and the hyperparameters of CleanRL's ppo_atari.py, shared
-by the four configurations.
+by the four configurations. `--jepa-steps K` swaps in the lab's K-step JEPA loss (jepa_ppo_cartpole_lab.py).
     protocol  100k agent steps (400k frames); frameskip 4 with max-pooling, no sticky actions, up to 30 no-op starts,
               fire reset, at most 108k frames a game (ale-py's vectorized ALE does all of it in C++)
     episodes  a lost life ends an episode for training only (no bootstrap across it, a fresh frame stack), rewards
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import jepa_ppo_cartpole as ref
+import jepa_ppo_cartpole_lab as lab
 
 
 @dataclass
@@ -54,6 +55,9 @@ class AtariArgs(ref.Args):
     """height of a frame in pixels (ALE's 210 rows, resized)"""
     frame_width: int = 64
     """width of a frame in pixels (ALE's 160 columns, resized)"""
+    # Beyond the paper, from the lab
+    jepa_steps: int = 1
+    """prediction horizon K, as the lab's --jepa-steps: the predictor rolled K steps against stacks t+1 ... t+K"""
 
 
 def game_name(env_id: str) -> str:
@@ -66,7 +70,7 @@ def check_atari_args(args: AtariArgs) -> "str | None":
     """The reference's checks, then the game's: a one-line error naming the flag, or None."""
     from ale_py.roms import get_all_rom_ids
 
-    if error := ref.check_args(args):
+    if error := ref.check_args(args) or lab.check_jepa_steps(args):
         return error
     if game_name(args.env_id) not in get_all_rom_ids():
         return (f"--env-id must be ALE/<Game>-v5 for one of ale-py's ROMs (ALE/Breakout-v5, ALE/Pong-v5, ...), "
@@ -139,16 +143,19 @@ if __name__ == "__main__":
     rollout = ref.make_rollout_storage(args.num_steps, args.num_envs, (3, H, W), args.embed_dim, device)
     env_state = {"state": first_frames, "stack": first_frames[:, None].repeat(1, 3, 1, 1),
                  "is_reset_step": torch.zeros(args.num_envs, dtype=torch.bool, device=device)}
+    make_batch, losses_fn = ((lab.multistep_batch, lab.multistep_losses) if args.jepa_steps > 1
+                             else (ref.make_batch, ref.minibatch_losses))
     global_step, start_time, outcome, recent_returns = 0, time.time(), "crashed", deque(maxlen=20)
     try:
         for iteration in range(1, num_iterations + 1):
             optimizer.param_groups[0]["lr"] = ref.learning_rate_at(args, iteration, num_iterations)
             episodes = ref.collect_rollout(games, encoder, actor, critic, rollout, env_state, env_step=step_atari)
             ref.log_episodes(writer, episodes, recent_returns, global_step, args.num_envs)
-            batch = ref.make_batch(args, rollout, encoder, target_encoder, critic)
-            losses = ref.update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch)
+            batch = make_batch(args, rollout, encoder, target_encoder, critic)
+            losses = ref.update(args, encoder, target_encoder, predictor, actor, critic, optimizer, batch, losses_fn)
             global_step += batch_size
             ref.log_update(writer, losses, batch, rollout, optimizer.param_groups[0]["lr"], global_step)
+            lab.log_jepa_steps(writer, losses, args.jepa_steps, global_step)
             ref.log_progress(writer, global_step, start_time, recent_returns)
         outcome = "finished"
     except KeyboardInterrupt:

@@ -124,6 +124,29 @@ def test_a_short_run_writes_the_reference_tags_with_raw_game_scores(config, tmp_
     assert all(score >= 0 and score == int(score) for score in scores)  # Breakout's raw score, whole games
 
 
+def test_k_step_prediction_runs_the_labs_loss_in_the_atari_loop(tmp_path):
+    """--jepa-steps 3: the lab's K-step batch and loss in the Atari loop, each step's JEPA loss logged; the steps that
+    would cross a lost life or a game over enter no loss (the lab's tests hold the oracle)."""
+    result = run_script([*CONFIGS["2"], "--jepa-steps", "3", "--total-timesteps", "512", "--num-envs", "2",
+                         "--num-steps", "128", "--no-cuda", "--embed-dim", "32", "--num-heads", "2", "--depth", "1"],
+                        tmp_path, script=ATARI_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert sorted(logged) == sorted([*TAGS, *(f"losses/jepa_loss_step{k}" for k in [1, 2, 3])])
+    steps = np.array([[v for _, v in logged[f"losses/jepa_loss_step{k}"]] for k in [1, 2, 3]])
+    jepa = np.array([v for _, v in logged["losses/jepa_loss"]])
+    assert np.all((steps.min(0) <= jepa) & (jepa <= steps.max(0))) and not np.allclose(steps[0], jepa)
+
+
+@pytest.mark.parametrize("steps", ["0", "129"])
+def test_a_bad_prediction_horizon_is_refused_in_one_line(steps, tmp_path):
+    result = run_script(["--jepa-steps", steps], tmp_path, script=ATARI_SCRIPT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--jepa-steps" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("env_id", ["ALE/Breakot-v5", "Breakout", "ALE/Breakout-v4", "breakout"])
 def test_a_bad_env_id_is_refused_in_one_line_before_any_run_directory(env_id, tmp_path):
     result = run_script(["--env-id", env_id], tmp_path, script=ATARI_SCRIPT)

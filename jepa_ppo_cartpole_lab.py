@@ -83,11 +83,19 @@ class LabArgs(ref.Args):
     """number of greedy episodes played by --eval-checkpoint and by --capture-video"""
 
 
+def check_jepa_steps(args) -> Optional[str]:
+    """--jepa-steps' own check (the lab's and the Atari script's): a one-line error naming the flag, or None."""
+    if not 1 <= args.jepa_steps <= args.num_steps:
+        return (f"--jepa-steps must be positive and at most --num-steps ({args.num_steps}): no rollout holds a target "
+                f"further ahead, got {args.jepa_steps}")
+    return None
+
+
 def check_lab_args(args: LabArgs) -> Optional[str]:
     """The reference's checks, then the lab's: a one-line error naming the flag, or None."""
     if error := ref.check_args(args):
         return error
-    for name in ["frame_gap", "jepa_steps", "probe_every", "image_every", "eval_episodes"]:
+    for name in ["frame_gap", "probe_every", "image_every", "eval_episodes"]:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if not args.weight_decay >= 0.0:
@@ -97,9 +105,8 @@ def check_lab_args(args: LabArgs) -> Optional[str]:
     if args.predictor == "closed-form" and args.predictor_lr_mult != 1.0:
         return (f"--predictor-lr-mult must be 1 with --predictor closed-form (refit, never stepped), "
                 f"got {args.predictor_lr_mult}")
-    if args.jepa_steps > args.num_steps:
-        return (f"--jepa-steps must be at most --num-steps ({args.num_steps}): no rollout holds a target further "
-                f"ahead, got {args.jepa_steps}")
+    if error := check_jepa_steps(args):
+        return error
     if args.jepa_steps > 1 and (args.fresh_targets or args.predictor == "closed-form"):
         flag = "--fresh-targets" if args.fresh_targets else "--predictor closed-form"
         return f"--jepa-steps must be 1 with {flag}, which predicts one step only, got {args.jepa_steps}"
@@ -532,6 +539,12 @@ def multistep_losses(args: LabArgs, encoder, predictor, actor, critic, mb: dict)
     return {**losses, "loss": losses["loss"] + args.jepa_coef * j_loss, "jepa_loss": j_loss, **per_step}
 
 
+def log_jepa_steps(writer, losses: dict, horizon: int, global_step: int):
+    """Under --jepa-steps K > 1, the JEPA loss of each step k (`losses/jepa_loss` averages them over the pairs)."""
+    for k in range(1, horizon + 1) if horizon > 1 else []:
+        writer.add_scalar(f"losses/jepa_loss_step{k}", losses[f"jepa_loss_step{k}"].item(), global_step)
+
+
 def lab_update(args: LabArgs, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
     """`ref.update`, with the K-step JEPA loss under --jepa-steps; under --ema-per-iteration its per-step EMA is made a
     no-op (tau 1) and the y-encoder moves once; under --predictor closed-form the predictor is refit before the first
@@ -630,8 +643,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/predictor_learning_rate", optimizer.param_groups[1]["lr"], global_step)
             if args.predictor == "closed-form":
                 writer.add_scalar("losses/jepa_loss_refit", losses["jepa_loss_refit"], global_step)
-            for k in range(1, args.jepa_steps + 1) if args.jepa_steps > 1 else []:
-                writer.add_scalar(f"losses/jepa_loss_step{k}", losses[f"jepa_loss_step{k}"].item(), global_step)
+            log_jepa_steps(writer, losses, args.jepa_steps, global_step)
             # every fourth step is enough for the on-policy probe: neighbouring steps are nearly the same sample
             onpolicy_pool.append((rollout["stacks"][:-1:4].clone(), torch.stack(row_states)[::4],
                                   rollout["valid"][::4].clone()))
