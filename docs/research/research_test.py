@@ -145,3 +145,34 @@ def test_pace_table_reads_each_cell_from_its_directory_name(tmp_path, capsys):
     with open(tmp_path / "pace.csv") as f:
         assert [line.split(",")[2:4] for line in f.read().splitlines()[1:]] == [["mlp", "0.1"]] * 2 + [
             ["mlp", "10.0"]] * 2 + [["closed", "1.0"]] * 2 + [["mlp", "1.0"]] * 2
+
+
+def test_ksteps_table_compares_each_k_with_k1_of_its_encoder_seed_by_seed(tmp_path):
+    ksteps = research_module("ksteps")
+    import jepa_ppo_cartpole_lab as lab
+    from torch.utils.tensorboard import SummaryWriter
+    # (cell, extra flags, {seed: return held over the run}): K = 3 beats K = 1 on seed 6 only; the CNN has no K = 1
+    cells = [("vit_k1", {}, {6: 100.0, 7: 300.0}), ("vit_k3", {"jepa_steps": 3}, {6: 200.0, 7: 250.0}),
+             ("cnn_k3", {"encoder": "cnn", "jepa_steps": 3}, {6: 480.0, 7: 480.0})]
+    for cell, extra, returns in cells:
+        for seed, value in returns.items():
+            writer = SummaryWriter(str(tmp_path / cell / f"{cell}__jepa-rlgrad-novar__s{seed}__1"))
+            flags = {**vars(lab.LabArgs()), "seed": seed, "cuda": False, **extra}
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
+                                                                                  flags.items()))
+            for step in range(5_000, 100_001, 5_000):
+                writer.add_scalar("charts/episodic_return", value, step)
+                for tag in ["charts/SPS", "embedding/variance"]:
+                    writer.add_scalar(tag, 1.0 if tag != "charts/SPS" else 300, step)
+            writer.close()
+    loaded = {cell["name"]: cell for cell in ksteps.load_cells(str(tmp_path))}
+    assert {name: cell["k"] for name, cell in loaded.items()} == {"vit_k1": 1, "vit_k3": 3, "cnn_k3": 3}
+    assert loaded["vit_k3"]["encoder"] == loaded["vit_k1"]["encoder"] != loaded["cnn_k3"]["encoder"]
+    lines = ksteps.table(list(loaded.values())).splitlines()[2:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines}
+    assert rows["vit_k3"][3] == "200.0 250.0" and rows["vit_k3"][4] == "225.0 +- 25.0"
+    assert rows["vit_k3"][-1] == "1 of 2 seeds |" and rows["vit_k1"][-1] == " |" and rows["cnn_k3"][-1] == " |"
+    assert rows["cnn_k3"][7] == "100.0k 100.0k" and rows["vit_k1"][8] == "- -"  # 400 and 475, after 20 episodes
+    csv_rows = ksteps.run_rows(list(loaded.values()))
+    assert [row["command"] for row in csv_rows if row["cell"] == "vit_k3"] == [
+        f"OMP_NUM_THREADS=1 python jepa_ppo_cartpole_lab.py --seed {seed} --no-cuda --jepa-steps 3" for seed in [6, 7]]
