@@ -125,8 +125,8 @@ def test_a_short_run_writes_the_reference_tags_with_raw_game_scores(config, tmp_
 
 
 def test_k_step_prediction_runs_the_labs_loss_in_the_atari_loop(tmp_path):
-    """--jepa-steps 3: the lab's K-step batch and loss in the Atari loop, each step's JEPA loss logged; the steps that
-    would cross a lost life or a game over enter no loss (the lab's tests hold the oracle)."""
+    """--jepa-steps 3: the lab's K-step batch and loss in the Atari loop, each step's JEPA loss logged. A lost life
+    ends an episode for training (a done, tested above), and the lab's tests check that no step crosses a done."""
     result = run_script([*CONFIGS["2"], "--jepa-steps", "3", "--total-timesteps", "512", "--num-envs", "2",
                          "--num-steps", "128", "--no-cuda", "--embed-dim", "32", "--num-heads", "2", "--depth", "1"],
                         tmp_path, script=ATARI_SCRIPT)
@@ -136,7 +136,7 @@ def test_k_step_prediction_runs_the_labs_loss_in_the_atari_loop(tmp_path):
     assert sorted(logged) == sorted([*TAGS, *(f"losses/jepa_loss_step{k}" for k in [1, 2, 3])])
     steps = np.array([[v for _, v in logged[f"losses/jepa_loss_step{k}"]] for k in [1, 2, 3]])
     jepa = np.array([v for _, v in logged["losses/jepa_loss"]])
-    assert np.all((steps.min(0) <= jepa) & (jepa <= steps.max(0))) and not np.allclose(steps[0], jepa)
+    assert np.all((steps.min(0) < jepa) & (jepa < steps.max(0)))  # the K-step loss, not the first step's
 
 
 @pytest.mark.parametrize("steps", ["0", "129"])

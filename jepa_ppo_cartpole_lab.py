@@ -540,9 +540,11 @@ def multistep_losses(args: LabArgs, encoder, predictor, actor, critic, mb: dict)
 
 
 def log_jepa_steps(writer, losses: dict, horizon: int, global_step: int):
-    """Under --jepa-steps K > 1, the JEPA loss of each step k (`losses/jepa_loss` averages them over the pairs)."""
+    """Under --jepa-steps K > 1, the JEPA loss of each step k, where any pair of the last minibatch reached step k
+    (`losses/jepa_loss` is their average weighted by the pairs of each step)."""
     for k in range(1, horizon + 1) if horizon > 1 else []:
-        writer.add_scalar(f"losses/jepa_loss_step{k}", losses[f"jepa_loss_step{k}"].item(), global_step)
+        if not (loss := losses[f"jepa_loss_step{k}"].item()) != loss:  # NaN: no pair reached step k
+            writer.add_scalar(f"losses/jepa_loss_step{k}", loss, global_step)
 
 
 def lab_update(args: LabArgs, encoder, target_encoder, predictor, actor, critic, optimizer, batch: dict) -> dict:
