@@ -37,6 +37,9 @@ def load_cells(logdir: str) -> list:
     for cell_dir in sorted(glob.glob(os.path.join(logdir, "*", ""))):
         sweep = plot.load_sweep(cell_dir)
         name = os.path.basename(cell_dir.rstrip("/"))
+        if not sweep:
+            print(f"no finished run in {cell_dir}: left out")
+            continue
         if len(sweep) != 1:
             sys.exit(f"error: {cell_dir} holds {len(sweep)} configurations' finished runs: a cell holds one")
         (runs,) = sweep.values()
