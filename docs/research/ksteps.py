@@ -9,7 +9,7 @@ one command but the seed. A cell's K is the --jepa-steps its runs logged; its en
 K = 1 cell is the one with the same encoder. The measures are scripts/plot.py's (final return: the episodes that end
 in (90k, 100k]; AUC: the running mean of the last 20 episodes averaged over 0-100k steps). Writes <out>.csv (one row
 per run, with its command) and <out>.png (the running mean, mean over seeds, a panel per encoder), and prints the
-table as Markdown.
+table and, per cell, the linear probes' R^2 at the end and the lowest embedding variance, as Markdown.
 """
 
 import argparse
@@ -82,10 +82,26 @@ def table(cells: list) -> str:
     return "\n".join(lines)
 
 
+PROBED = [f"{probe}r2_{name}" for probe in ["onpolicy_", ""] for name in plot.STATE_VARIABLES]
+
+
+def probe_table(cells: list) -> str:
+    """What the embedding holds at the end: the linear probes' R^2 (mean over seeds of each run's last 2 fits, on the
+    states the policy visits / on the fixed probe set) and the lowest embedding variance (median over seeds)."""
+    names = plot.STATE_VARIABLES
+    lines = ["| cell | K | " + " | ".join(f"R^2 on-policy / fixed: {name.replace('_', ' ')}" for name in names)
+             + " | lowest variance |", "|---|---|" + "---|" * (len(names) + 1)]
+    for cell in sorted(cells, key=lambda c: (c["encoder"], c["k"])):
+        mean = lambda key: np.mean([run[key] for run in cell["runs"].values()])
+        r2 = " | ".join(f"{mean('onpolicy_r2_' + name):.2f} / {mean('r2_' + name):.2f}" for name in names)
+        lowest = np.median([run["lowest_variance"] for run in cell["runs"].values()])
+        lines.append(f"| {cell['name']} | {cell['k']} | {r2} | {lowest:.1e} |")
+    return "\n".join(lines)
+
+
 def run_rows(cells: list) -> list:
-    return [{"cell": cell["name"], "k": cell["k"], "seed": seed,
-             **{key: cell["runs"][seed][key] for key in ["final_return", "auc", "steps_to_400", "steps_to_475", "run",
-                                                         "command"]}}
+    keys = ["final_return", "auc", "steps_to_400", "steps_to_475", *PROBED, "lowest_variance", "run", "command"]
+    return [{"cell": cell["name"], "k": cell["k"], "seed": seed, **{key: cell["runs"][seed][key] for key in keys}}
             for cell in sorted(cells, key=lambda c: (c["encoder"], c["k"])) for seed in sorted(cell["runs"])]
 
 
@@ -119,6 +135,8 @@ def main():
     if not cells:
         sys.exit(f"error: no finished runs under {cli.logdir}")
     print(table(cells))
+    print()
+    print(probe_table(cells))
     if cli.out:
         plot.write_csv(f"{cli.out}.csv", run_rows(cells))
         figure(cells, f"{cli.out}.png")

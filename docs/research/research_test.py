@@ -173,6 +173,8 @@ def test_ksteps_table_compares_each_k_with_k1_of_its_encoder_seed_by_seed(tmp_pa
     assert rows["vit_k3"][3] == "200.0 250.0" and rows["vit_k3"][4] == "225.0 +- 25.0"
     assert rows["vit_k3"][-1] == "1 of 2 seeds |" and rows["vit_k1"][-1] == " |" and rows["cnn_k3"][-1] == " |"
     assert rows["cnn_k3"][7] == "100.0k 100.0k" and rows["vit_k1"][8] == "- -"  # 400 and 475, after 20 episodes
+    probes = ksteps.probe_table(list(loaded.values())).splitlines()
+    assert probes[2].startswith("| cnn_k3 | 3 | nan / nan |") and probes[-1].endswith("| 1.0e+00 |")  # no probes logged
     csv_rows = ksteps.run_rows(list(loaded.values()))
     assert [row["command"] for row in csv_rows if row["cell"] == "vit_k3"] == [
         f"OMP_NUM_THREADS=1 python jepa_ppo_cartpole_lab.py --seed {seed} --no-cuda --jepa-steps 3" for seed in [6, 7]]
