@@ -174,7 +174,7 @@ def test_ksteps_table_compares_each_k_with_k1_of_its_encoder_seed_by_seed(tmp_pa
     assert rows["vit_k3"][-1] == "1 of 2 seeds |" and rows["vit_k1"][-1] == " |" and rows["cnn_k3"][-1] == " |"
     assert rows["cnn_k3"][7] == "100.0k 100.0k" and rows["vit_k1"][8] == "- -"  # 400 and 475, after 20 episodes
     probes = ksteps.probe_table(list(loaded.values())).splitlines()
-    assert probes[2].startswith("| cnn_k3 | 3 | nan / nan |") and probes[-1].endswith("| 1.0e+00 |")  # no probes logged
+    assert len(probes) == 5 and all(line.endswith("| nan / nan | 1.0e+00 |") for line in probes[2:])  # no probes here
     csv_rows = ksteps.run_rows(list(loaded.values()))
     assert [row["command"] for row in csv_rows if row["cell"] == "vit_k3"] == [
         f"OMP_NUM_THREADS=1 python jepa_ppo_cartpole_lab.py --seed {seed} --no-cuda --jepa-steps 3" for seed in [6, 7]]
