@@ -543,7 +543,8 @@ def log_jepa_steps(writer, losses: dict, horizon: int, global_step: int):
     """Under --jepa-steps K > 1, the JEPA loss of each step k, where any pair of the last minibatch reached step k
     (`losses/jepa_loss` is their average weighted by the pairs of each step)."""
     for k in range(1, horizon + 1) if horizon > 1 else []:
-        if not (loss := losses[f"jepa_loss_step{k}"].item()) != loss:  # NaN: no pair reached step k
+        loss = losses[f"jepa_loss_step{k}"].item()
+        if not math.isnan(loss):  # NaN: no pair reached step k
             writer.add_scalar(f"losses/jepa_loss_step{k}", loss, global_step)
 
 

@@ -113,8 +113,11 @@ NOT_IN_COMMAND = {"exp_name", "runs_dir"}  # where a run writes, not what it com
 
 def command(flags: dict) -> str:
     """The command that repeats a run from the flags it logged: the lab's or the Atari entry point's script if it logged
-    their flags, else the reference's, with the seed and each flag whose value is not the default's, on one thread as every run here."""
-    script, args = ("jepa_ppo_cartpole_lab.py", lab.LabArgs()) if "encoder" in flags else ("jepa_ppo_cartpole.py", ref.Args())
+    their flags, else the reference's, with the seed and each flag whose value is not the default's, on one thread as
+    every run here."""
+    script, args = ("jepa_ppo_cartpole.py", ref.Args())
+    if "encoder" in flags:
+        script, args = "jepa_ppo_cartpole_lab.py", lab.LabArgs()
     if "env_id" in flags:
         script, args = "jepa_ppo_atari.py", atari.AtariArgs()
     parts = [f"OMP_NUM_THREADS=1 python {script}"]

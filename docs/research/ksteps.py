@@ -20,8 +20,10 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 import plot  # noqa: E402
+from screen import mean_se  # noqa: E402
 
 
 def horizon_and_encoder(command: str) -> tuple:
@@ -52,11 +54,6 @@ def load_cells(logdir: str) -> list:
 
 def fmt_steps(steps: float) -> str:
     return "-" if np.isinf(steps) else f"{steps / 1000:.1f}k"
-
-
-def mean_se(values) -> str:
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.1f} +- {values.std(ddof=1) / np.sqrt(len(values)):.1f}"
 
 
 def table(cells: list) -> str:
